@@ -1,0 +1,93 @@
+"""Norm + activation as one pluggable layer, so a normalisation variant is one argument.
+
+`make_norm_act(cfg, channels, role)` returns the right layer for each place in an MBConv network:
+  role "act"      stem and expansion convs: norm + SiLU (+ full Proxy Norm)
+  role "spatial"  grouped/depthwise conv: norm + SiLU (+ Proxy Norm centring; scale goes to the SE)
+  role "project"  projection conv: norm only (with Proxy Norm: scale but no shift)
+  role "head"     final 1x1 conv: norm + SiLU (+ Proxy Norm centring only)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import NormConfig
+from .proxy_norm import ProxyNormAct
+
+Role = Literal["act", "spatial", "project", "head"]
+_ACT_MODULES: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "relu": nn.ReLU}
+
+
+class NormAct(nn.Module):
+    """BatchNorm / GroupNorm / LayerNorm (GroupNorm with 1 group) with affine, then optional activation."""
+
+    def __init__(self, cfg: NormConfig, channels: int, apply_act: bool = True, activation: str = "silu") -> None:
+        super().__init__()
+        if cfg.kind == "batch":
+            self.norm: nn.Module = nn.BatchNorm2d(channels, eps=cfg.resolved_eps)
+        else:
+            self.norm = nn.GroupNorm(_checked_groups(cfg, channels), channels, eps=cfg.resolved_eps)
+        if not apply_act:
+            self.act: nn.Module = nn.Identity()
+        elif activation in _ACT_MODULES:
+            self.act = _ACT_MODULES[activation](inplace=True)
+        else:
+            raise ValueError(f"activation must be one of {', '.join(_ACT_MODULES)}, got {activation!r}")
+
+    def output_scale(self) -> None:
+        return None
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(x))
+
+
+class ScaleOnlyGroupNorm(nn.Module):
+    """GroupNorm with a learned per-channel scale and no shift (projection conv under Proxy Norm)."""
+
+    def __init__(self, channels: int, num_groups: int, eps: float) -> None:
+        super().__init__()
+        self.num_groups = num_groups
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def output_scale(self) -> None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, self.weight, None, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, groups={self.num_groups}, eps={self.eps}"
+
+
+def _checked_groups(cfg: NormConfig, channels: int) -> int:
+    groups = cfg.num_groups
+    if channels % groups:
+        raise ValueError(f"norm_groups={groups} does not divide a layer of {channels} channels")
+    return groups
+
+
+def make_norm_act(cfg: NormConfig, channels: int, role: Role, activation: str = "silu") -> nn.Module:
+    if role not in ("act", "spatial", "project", "head"):
+        raise ValueError(f"unknown norm role {role!r}")
+    if not cfg.proxy_norm:
+        return NormAct(cfg, channels, apply_act=role != "project", activation=activation)
+    groups = _checked_groups(cfg, channels)
+    if role == "project":
+        return ScaleOnlyGroupNorm(channels, groups, cfg.resolved_eps)
+    return ProxyNormAct(
+        channels,
+        groups,
+        eps=cfg.resolved_eps,
+        proxy_eps=cfg.proxy_eps,
+        num_quantiles=cfg.proxy_quantiles,
+        centre_only=role != "act",
+        activation=activation,
+    )

@@ -1,0 +1,299 @@
+"""Model family: shapes and sizes against torchvision and REFERENCE.md, Proxy Norm against exact
+integrals, batch independence, and the depth behaviour Proxy Norm exists to fix."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from scipy import integrate, special, stats
+
+from models import FAMILY, VARIANTS, count_parameters, create_model, is_proxy_parameter, list_models
+from models.analysis import collapse_profile
+from models.config import NormConfig, round_channels, spatial_conv_groups
+from models.flops import count_macs
+from models.proxy_norm import ProxyNormAct, proxy_moments, proxy_quantiles
+
+TINY = dict(width=0.25, depth=0.34, num_classes=10, dropout=0.0, stochastic_depth=0.0)
+
+
+@pytest.mark.parametrize("size", range(8))
+def test_g1_bn_parameter_count_equals_torchvision(size: int) -> None:
+    with torch.device("meta"):
+        ours = create_model(f"efficientnet-b{size}", **VARIANTS["g1-bn"])
+        theirs = getattr(torchvision.models, f"efficientnet_b{size}")()
+    assert count_parameters(ours) == count_parameters(theirs)
+    if size == 0:
+        assert count_parameters(ours) == 5_288_548
+
+
+def test_g1_bn_matches_torchvision_macs() -> None:
+    with torch.device("meta"):
+        ours = create_model("efficientnet-b0", **VARIANTS["g1-bn"])
+        theirs = torchvision.models.efficientnet_b0()
+    assert count_macs(ours, 224) == count_macs(theirs, 224)
+    assert count_macs(ours, 224) / 1e9 == pytest.approx(0.386, rel=0.01)
+
+
+def test_g16_b0_size_and_macs_match_reference() -> None:
+    with torch.device("meta"):
+        model = create_model("efficientnet-b0", **VARIANTS["g16-gn"])
+    assert count_parameters(model) == 5_913_796
+    assert count_macs(model, 224) / 1e9 == pytest.approx(0.635, rel=0.01)
+    assert count_macs(model, 160) / 1e9 == pytest.approx(0.325, rel=0.01)
+
+
+@pytest.mark.parametrize("variant", ["g1-bn", "g16-gn", "g16-lnpn"])
+@pytest.mark.parametrize("resolution", [32, 65, 97, 224])
+def test_forward_shape_at_many_resolutions(variant: str, resolution: int) -> None:
+    model = create_model("efficientnet-b0", **{**VARIANTS[variant], **TINY}).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, resolution, resolution))
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_size_builds_with_group_16(name: str) -> None:
+    with torch.device("meta"):
+        model = create_model(name, **VARIANTS["g16-lnpn"])
+    for block in model.modules():
+        if hasattr(block, "spatial"):
+            conv = block.spatial.conv
+            per_group = conv.in_channels // conv.groups
+            assert conv.in_channels % conv.groups == 0
+            assert per_group >= 16
+            assert conv.groups == spatial_conv_groups(conv.in_channels, 16)
+
+
+def test_spatial_groups_rule() -> None:
+    assert spatial_conv_groups(32, 1) == 32  # depthwise
+    assert spatial_conv_groups(96, 16) == 6
+    assert spatial_conv_groups(8, 16) == 1
+    # 40 // 16 = 2 divides 40; 24 // 16 = 1; 56 // 16 = 3 does not divide 56, so 2
+    assert spatial_conv_groups(40, 16) == 2
+    assert spatial_conv_groups(56, 16) == 2
+    for channels in range(8, 700, 8):
+        groups = spatial_conv_groups(channels, 16)
+        assert channels % groups == 0 and groups <= max(channels // 16, 1)
+        assert not any(channels % g == 0 for g in range(groups + 1, channels // 16 + 1))
+
+
+def test_width_rounding_rule() -> None:
+    assert round_channels(32 * 1.1) == 32 and round_channels(1280 * 1.1) == 1408
+    assert round_channels(24 * 1.4) == 32 and round_channels(16 * 0.25) == 8
+    # never more than 10 % below the target
+    for c in range(8, 2000):
+        assert round_channels(c * 1.0) >= 0.9 * c
+
+
+def test_structure_exposes_named_layers() -> None:
+    model = create_model("efficientnet-b0", **VARIANTS["g16-gn"])
+    names = dict(model.named_modules())
+    for path in ("stem", "blocks", "blocks.3.0", "blocks.3.0.expand", "head", "classifier"):
+        assert path in names
+    assert len(model.blocks) == 7
+    assert [len(stage) for stage in model.blocks] == [1, 2, 2, 3, 3, 4, 1]
+    assert model.classifier[0].p == FAMILY["efficientnet-b0"].dropout
+
+
+def test_stochastic_depth_schedule() -> None:
+    model = create_model("efficientnet-b0", **VARIANTS["g16-gn"])
+    blocks = [b for stage in model.blocks for b in stage]
+    rates = [b.drop_path.p if b.has_residual else None for b in blocks]
+    for index, rate in enumerate(rates):
+        if rate is not None:
+            assert rate == pytest.approx(0.2 * index / len(blocks))
+
+
+def test_unknown_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("efficientnet-b9")
+    with pytest.raises(ValueError, match="unknown model option"):
+        create_model("efficientnet-b0", colour="red")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        create_model("efficientnet-b0", norm="instance")
+    with pytest.raises(ValueError, match="proxy_norm needs"):
+        create_model("efficientnet-b0", norm="batch", proxy_norm=True)
+    with pytest.raises(ValueError, match="does not divide"):
+        create_model("efficientnet-b0", norm="group", norm_groups=7)
+
+
+def test_norm_eps_defaults() -> None:
+    assert NormConfig("batch").resolved_eps == 1e-5
+    assert NormConfig("group").resolved_eps == 1e-3
+    assert NormConfig("layer", eps=1e-4).resolved_eps == 1e-4
+
+
+# ---------------------------------------------------------------------------- Proxy Norm maths
+
+
+def test_quantiles_are_normal_midpoints() -> None:
+    u = proxy_quantiles(200, torch.float64).numpy()
+    expected = stats.norm.ppf((np.arange(200) + 0.5) / 200)
+    np.testing.assert_allclose(u, expected, rtol=1e-10, atol=1e-12)
+    assert np.allclose(u, -u[::-1])
+
+
+def _exact_moments(gamma: float, beta: float, pgamma: float, pbeta: float) -> tuple[float, float]:
+    def act(t: float) -> float:
+        z = gamma * ((1 + pgamma) * t + pbeta) + beta
+        return z * special.expit(z)
+
+    pdf = stats.norm.pdf
+    mean = integrate.quad(lambda t: act(t) * pdf(t), -40, 40, epsabs=1e-14, epsrel=1e-12, limit=200)[0]
+    second = integrate.quad(lambda t: act(t) ** 2 * pdf(t), -40, 40, epsabs=1e-14, epsrel=1e-12, limit=200)[0]
+    return mean, second - mean**2
+
+
+@pytest.mark.parametrize("num_quantiles, tolerance", [(20_000, 1e-3), (200, 2.5e-2)])
+def test_proxy_moments_match_numerical_integral(num_quantiles: int, tolerance: float) -> None:
+    """The formula is exact to 1e-3 on a fine grid; the authors' 200 midpoints are off by ~1 %
+    (their quantiles have variance 0.994, not 1): that is the published method's own error."""
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    gamma = 1 + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    beta = 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    pgamma = 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    pbeta = 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    mean, var = proxy_moments(gamma, beta, pgamma, pbeta, proxy_quantiles(num_quantiles, torch.float64))
+    for c in range(n):
+        exact_mean, exact_var = _exact_moments(gamma[c].item(), beta[c].item(), pgamma[c].item(), pbeta[c].item())
+        # the mean is compared on the scale of the std (a mean near 0 has no meaningful relative error)
+        assert abs(mean[c].item() - exact_mean) / math.sqrt(exact_var) < tolerance
+        assert abs(var[c].item() - exact_var) / exact_var < tolerance
+
+
+def test_proxy_norm_output_and_gradients() -> None:
+    torch.manual_seed(0)
+    layer = ProxyNormAct(8, num_groups=1)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(4, 8, 5, 5)
+    out = layer(x)
+    y = torch.nn.functional.group_norm(x, 1, layer.weight, layer.bias, 1e-3)
+    z = torch.nn.functional.silu(y)
+    mean, var = layer.moments()
+    expected = (z - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + 0.03)
+    torch.testing.assert_close(out, expected)
+    out.pow(2).sum().backward()
+    for name in ("weight", "bias", "proxy_gamma", "proxy_beta"):
+        grad = getattr(layer, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_proxy_norm_gradient_through_moments_is_correct() -> None:
+    layer = ProxyNormAct(3, num_groups=1, num_quantiles=50).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,))
+    assert torch.autograd.gradcheck(
+        lambda g, b, pg, pb: proxy_moments(g, b, pg, pb, layer.quantiles.double()),
+        tuple(p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias, layer.proxy_gamma, layer.proxy_beta)),
+    )
+
+
+def test_proxy_parameters_are_selectable() -> None:
+    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY)
+    proxy = [n for n, _ in model.named_parameters() if is_proxy_parameter(n)]
+    assert proxy and all(n.endswith(("proxy_beta", "proxy_gamma")) for n in proxy)
+    # every proxy-normalised activation has both; projections (scale-only norm) have neither
+    layers = [m for m in model.modules() if isinstance(m, ProxyNormAct)]
+    assert len(proxy) == 2 * len(layers)
+    assert all(not n.startswith("blocks.0.0.project") for n in proxy)
+
+
+def test_proxy_norm_placement() -> None:
+    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY)
+    block = model.blocks[1][0]
+    assert isinstance(model.stem.norm_act, ProxyNormAct) and not model.stem.norm_act.centre_only
+    assert isinstance(block.expand.norm_act, ProxyNormAct) and not block.expand.norm_act.centre_only
+    assert isinstance(block.spatial.norm_act, ProxyNormAct) and block.spatial.norm_act.centre_only
+    assert isinstance(model.head.norm_act, ProxyNormAct) and model.head.norm_act.centre_only
+    project = block.project.norm_act
+    assert not hasattr(project, "bias") and project.weight.shape == (block.project.conv.out_channels,)
+    # the SE gate carries the spatial layer's 1/σ̃: scaling it changes the block's output
+    x = torch.randn(2, block.expand.conv.in_channels, 8, 8)
+    block.eval()
+    with torch.no_grad():
+        before = block(x)
+        block.spatial.norm_act.proxy_gamma.fill_(0.5)
+        after = block(x)
+    assert not torch.allclose(before, after)
+
+
+# ---------------------------------------------------------------------------- batch independence
+
+
+def _per_sample_outputs_and_grads(model: torch.nn.Module, x: torch.Tensor, index: int, alone: bool):
+    model.zero_grad()
+    inp = x[index : index + 1] if alone else x
+    out = model(inp)
+    row = out[0] if alone else out[index]
+    weights = torch.linspace(-1, 1, row.numel(), dtype=row.dtype)
+    (row * weights).sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return row.detach(), grads
+
+
+@pytest.mark.parametrize("variant, independent", [("g16-gn", True), ("g16-lnpn", True), ("g1-bn", False)])
+def test_batch_independence(variant: str, independent: bool) -> None:
+    torch.manual_seed(0)
+    overrides = {**VARIANTS[variant], **TINY}
+    if variant == "g16-gn":
+        overrides["norm"] = "layer"  # LN too
+    models = [create_model("efficientnet-b0", **overrides)]
+    if variant == "g16-gn":
+        models.append(create_model("efficientnet-b0", **VARIANTS["g16-gn"], **TINY))
+    x = torch.randn(4, 3, 40, 40, dtype=torch.float64)
+    for model in models:
+        model.double().train()
+        out_batch, grad_batch = _per_sample_outputs_and_grads(model, x, 2, alone=False)
+        out_alone, grad_alone = _per_sample_outputs_and_grads(model, x, 2, alone=True)
+        same = torch.allclose(out_batch, out_alone, atol=1e-10, rtol=1e-9) and torch.allclose(
+            grad_batch, grad_alone, atol=1e-10, rtol=1e-9
+        )
+        assert same == independent
+
+
+# ---------------------------------------------------------------------------- depth behaviour
+
+
+def test_channelwise_collapse_with_depth() -> None:
+    ln = collapse_profile(NormConfig("layer"), depth=30)
+    lnpn = collapse_profile(NormConfig("layer", proxy_norm=True), depth=30)
+    bn = collapse_profile(NormConfig("batch"), depth=30)
+    # LayerNorm: the channel-wise constant share grows towards 1 with depth
+    assert ln[4] > 0.5 and ln[9] > 0.75 and ln[-1] > 0.9
+    assert ln[-1] > ln[9] > ln[4] > ln[0]
+    # BatchNorm and LN + Proxy Norm keep it near 0 all the way down
+    assert max(bn) < 0.1
+    assert max(lnpn) < 0.2 and np.mean(lnpn) < 0.1
+
+
+def test_summary_cli_reports_reference_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    from models import summary
+
+    code = summary.main(["--models", "efficientnet-b0", "--variants", "g1-bn,g16-gn,g16-lnpn", "--format", "csv"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "model,variant,resolution,params,gmacs"
+    rows = {tuple(line.split(",")[1:3]): line.split(",") for line in lines[1:]}
+    assert rows[("g1-bn", "224")][3] == "5288548"
+    assert rows[("g16-gn", "224")][3] == "5913796"
+    assert float(rows[("g16-gn", "224")][4]) == pytest.approx(0.635, rel=0.01)
+    assert float(rows[("g16-gn", "160")][4]) == pytest.approx(0.325, rel=0.01)
+    assert set(rows) == {(v, r) for v in ("g1-bn", "g16-gn", "g16-lnpn") for r in ("224", "160")}
+
+
+def test_summary_cli_rejects_bad_names(capsys: pytest.CaptureFixture[str]) -> None:
+    from models import summary
+
+    assert summary.main(["--models", "efficientnet-b9"]) == 2
+    assert "unknown model 'efficientnet-b9'" in capsys.readouterr().err
