@@ -1,0 +1,121 @@
+"""Host-side data: ImageNet-style folders, generated tensors, and the built-in demo set.
+
+`open_split(kind, split, ...)` gives a dataset for "train" or "validation";
+`make_loader` wraps it in a DataLoader whose batches are (images, labels, skipped files).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .generated import GeneratedDataset
+from .image_folder import DataError, ImageFolderDataset, Skipped, find_classes
+from .sampler import SeededSampler
+from .transforms import eval_resize_size, eval_transform, train_transform
+
+DEMO_ROOT = Path(__file__).resolve().parent / "demo_data"
+DATA_KINDS = ("imagenet", "generated", "demo")
+VALIDATION_DIRS = ("validation", "val")
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """`root/train`, or `root/validation` / `root/val` for the validation split."""
+    if not root.is_dir():
+        raise DataError(f"data path not found: {root}")
+    names = ("train",) if split == "train" else VALIDATION_DIRS
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise DataError(f"{root} has no {' or '.join(names)}/ folder for the {split} split")
+
+
+def check_classes(root: Path) -> list[str]:
+    """Class names from train/, after checking validation/ has the same class folders."""
+    train = find_classes(split_folder(root, "train"))
+    validation = find_classes(split_folder(root, "validation"))
+    if train != validation:
+        only_train = sorted(set(train) - set(validation))[:5]
+        only_val = sorted(set(validation) - set(train))[:5]
+        raise DataError(
+            f"class folders differ between train/ and validation/ under {root}: "
+            f"only in train: {only_train or 'none'}, only in validation: {only_val or 'none'}"
+        )
+    return train
+
+
+def open_split(
+    kind: str,
+    split: str,
+    transform: Callable,
+    data_path: str | None = None,
+    strict: bool = False,
+    resolution: int = 224,
+    num_classes: int = 1000,
+    generated_size: int = 1024,
+    draft_short_side: int | None = None,
+) -> torch.utils.data.Dataset:
+    if kind == "generated":
+        return GeneratedDataset(generated_size, resolution, num_classes, seed=0 if split == "train" else 1)
+    if kind == "demo":
+        root = DEMO_ROOT
+    elif kind == "imagenet":
+        if not data_path:
+            raise DataError("--data imagenet needs --data-path DIR (with train/ and validation/ or val/)")
+        root = Path(data_path).expanduser()
+    else:
+        raise DataError(f"unknown --data {kind!r}; choose from {', '.join(DATA_KINDS)}")
+    classes = check_classes(root)
+    return ImageFolderDataset(split_folder(root, split), transform, classes, strict, draft_short_side)
+
+
+def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[Skipped]]:
+    """Stack good samples; undecodable ones come back as a list for the caller to count."""
+    good = [item for item in batch if not isinstance(item, Skipped)]
+    skipped = [item for item in batch if isinstance(item, Skipped)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, labels = zip(*good)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    sampler: SeededSampler,
+    workers: int,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        persistent_workers=False,
+        drop_last=drop_last,
+        # worker base seeds come from this private generator, not the global RNG, so creating an
+        # iterator mid-run (a resume) does not shift the training RNG stream; augmentation seeds
+        # come from the sampler anyway
+        generator=torch.Generator().manual_seed(sampler.seed),
+    )
+
+
+__all__ = [
+    "DATA_KINDS",
+    "DEMO_ROOT",
+    "DataError",
+    "GeneratedDataset",
+    "ImageFolderDataset",
+    "SeededSampler",
+    "Skipped",
+    "check_classes",
+    "collate_skipping",
+    "eval_resize_size",
+    "eval_transform",
+    "make_loader",
+    "open_split",
+    "train_transform",
+]

@@ -1,0 +1,126 @@
+"""ImageNet-style class folders, loaded so that one bad file never stops a run.
+
+Every image becomes 8-bit RGB (grayscale, CMYK, palette, alpha and 16-bit included). A file that
+cannot be decoded (corrupt, truncated, zero bytes, decompression bomb) is returned as a skip that
+the collate function counts and reports by path; `strict=True` makes it fatal instead.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+class DataError(Exception):
+    """A problem with the data the user pointed at (missing folder, no images, bad file in strict mode)."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Placeholder for a sample whose file could not be decoded."""
+
+    path: str
+    reason: str
+
+
+def find_classes(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DataError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
+    return classes
+
+
+def list_samples(root: Path, classes: list[str]) -> tuple[list[tuple[str, int]], int]:
+    """(path, label) for every image file, and how many non-image files were ignored."""
+    samples, ignored = [], 0
+    for label, name in enumerate(classes):
+        for dirpath, _, filenames in sorted(os.walk(root / name, followlinks=True)):
+            for filename in sorted(filenames):
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, filename), label))
+                elif not filename.startswith("."):
+                    ignored += 1
+    if not samples:
+        raise DataError(f"no image files under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return samples, ignored
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; 16-bit and 32-bit images are scaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(path: str, min_short_side: int | None = None) -> Image.Image:
+    """Decode one file to RGB. JPEGs are decoded at reduced size (draft mode) when a short side of
+    `min_short_side` is enough: far less decoding work for the same crop."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            if min_short_side and image.format == "JPEG":
+                scale = min(image.size) / min_short_side
+                if scale >= 2:
+                    image.draft("RGB", (int(image.size[0] / scale) + 1, int(image.size[1] / scale) + 1))
+            image.load()
+            return to_rgb(image)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Class-folder dataset; `transform` sees an RGB PIL image. Keys are indices or (index, seed)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[[Image.Image], torch.Tensor],
+        classes: list[str] | None = None,
+        strict: bool = False,
+        draft_short_side: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.classes = classes if classes is not None else find_classes(self.root)
+        self.samples, self.ignored_files = list_samples(self.root, self.classes)
+        self.transform = transform
+        self.strict = strict
+        self.draft_short_side = draft_short_side
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | Skipped:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        try:
+            image = load_image(path, self.draft_short_side)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            if self.strict:
+                raise DataError(f"cannot decode image {path}: {error}") from None
+            return Skipped(path, f"{type(error).__name__}: {error}")
+        return apply_seeded(self.transform, image, seed), label
+
+
+def apply_seeded(transform: Callable, item: object, seed: int | None) -> torch.Tensor:
+    """Run a random transform under its own seed, leaving the caller's RNG untouched, so a
+    sample's augmentation depends only on (run seed, epoch, position): exact resumes."""
+    if seed is None:
+        return transform(item)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(item)

@@ -1,0 +1,112 @@
+"""Who this process is: rank, replicas, device; collectives that are no-ops in one process.
+
+Launched by `torchrun`, the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...) says so,
+and a process group is started: gloo on CPU, nccl on CUDA. Without it, one process does it all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class ParallelError(Exception):
+    """An impossible parallel layout (world size, splits, batch): refused before any work."""
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    replicas: int = 1  # data-parallel replicas (world_size / pipeline stages)
+    stages: int = 1
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def replica_rank(self) -> int:
+        return self.rank // self.stages
+
+    @property
+    def stage(self) -> int:
+        return self.rank % self.stages
+
+    def print(self, *args: object) -> None:
+        if self.is_main:
+            print(*args, file=sys.stderr, flush=True)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum over replicas (one process per replica counts; pipeline stages other than the last
+        contribute zeros)."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def reduce_eval(self, result: dict) -> dict:
+        if not self.distributed:
+            return result
+        n = result["images"]
+        sums = self.all_reduce_sum([n, result["top1"] * n / 100 if n else 0.0, result["top5"] * n / 100 if n else 0.0,
+                                    result["loss"] * n if n else 0.0, result["skipped"]])
+        total = max(sums[0], 1)
+        return dict(top1=100 * sums[1] / total, top5=100 * sums[2] / total, loss=sums[3] / total, images=int(sums[0]),
+                    skipped=int(sums[4]))
+
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ParallelError(f"--device {requested}: no CUDA device is available")
+    if requested == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    try:
+        return torch.device(requested)
+    except RuntimeError:
+        raise ParallelError(f"--device {requested!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+
+
+def setup(cfg) -> Context:
+    """Read the launcher's environment, check it matches the config, start the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    stages = len(cfg.pipeline_splits) + 1
+    if world_size != cfg.replicas * stages:
+        raise ParallelError(
+            f"world size {world_size} does not match --replicas {cfg.replicas} × {stages} pipeline stage(s) "
+            f"= {cfg.replicas * stages}; launch with torchrun --nproc-per-node {cfg.replicas * stages} "
+            f"(per host) or change --replicas / --pipeline-splits"
+        )
+    device = pick_device(cfg.device, local_rank)
+    ctx = Context(rank, world_size, local_rank, cfg.replicas, stages, device, world_size > 1)
+    if ctx.distributed:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return ctx

@@ -1,0 +1,528 @@
+"""Train an EfficientNet: `python run_train.py --config efficientnet-b2-g16-gn [--option value ...]`.
+
+One command does the whole paper recipe: train (at half resolution with --half-res-training),
+average the weights, fine-tune the head at the test resolution with test-time preprocessing, and
+validate. `--list-configs` lists the named configs; every option is in `--help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import parallel
+from datasets import (
+    DataError,
+    GeneratedDataset,
+    SeededSampler,
+    eval_resize_size,
+    eval_transform,
+    make_loader,
+    open_split,
+    train_transform,
+)
+from models import create_model
+from training.averaging import make_average
+from training.checkpoint import (
+    CheckpointError,
+    checkpoint_name,
+    export_safetensors,
+    prune_step_checkpoints,
+    save_checkpoint,
+)
+from training.config import (
+    RUN_CONTROL,
+    ConfigError,
+    TrainConfig,
+    check_config,
+    from_dict,
+    global_batch_size,
+    model_overrides,
+    native_resolution,
+    parse_args,
+    to_dict,
+    training_resolution,
+)
+from training.evaluate import autocast_context, evaluate
+from training.finetune import check_layer_name, freeze_before, train_mode
+from training.metrics import MetricsLog
+from training.mixing import BatchMixer
+from training.optim import LRSchedule, build_optimizer, parameter_groups
+from training.run_dir import RunLock, locate_run, write_config
+
+
+class TrainingError(Exception):
+    """The run cannot go on (e.g. a non-finite loss); the message says where and why."""
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT (or --stop-after-steps): a checkpoint was written; exit cleanly."""
+
+    def __init__(self, code: int, checkpoint: Path | None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class Phase:
+    """One stretch of training: the main run, or the fine-tune at the test resolution."""
+
+    name: str  # "train" | "fine_tune"
+    epochs: int
+    resolution: int
+    micro_batch_size: int
+    test_preprocessing: bool  # fine-tuning trains on test-time crops
+    mixer: BatchMixer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    frozen: list[nn.Module] = field(default_factory=list)
+    ema: nn.Module | None = None
+    epoch_average: nn.Module | None = None
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint."""
+
+    phase: str = "train"
+    epoch: int = 0  # epochs finished in this phase
+    micro_batch: int = 0  # micro-batches consumed in the current epoch
+    step: int = 0  # optimizer steps in the whole run
+    nonfinite_skipped: int = 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ctx = None
+    lock = None
+    try:
+        cfg = parse_args(argv, description=__doc__)
+        check_config(cfg)
+        ctx = parallel.setup(cfg)
+        run_dir, state, state_path = locate_run(cfg, report=ctx.print)
+        if state is not None:
+            cfg = config_for_resume(cfg, state, state_path, ctx.print)
+        check_before_work(cfg, ctx)
+        if ctx.is_main:
+            lock = RunLock(run_dir)
+            lock.acquire()
+        return train(cfg, ctx, run_dir, state, state_path)
+    except (ConfigError, DataError, CheckpointError, parallel.ParallelError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except StopRequested as stop:
+        where = f"; checkpoint {stop.checkpoint}" if stop.checkpoint else ""
+        print(f"stopped{where}. Continue with the same command and --resume auto.", file=sys.stderr)
+        return stop.code
+    finally:
+        if lock is not None:
+            lock.release()
+        if ctx is not None:
+            ctx.close()
+
+
+def config_for_resume(cfg: TrainConfig, state: dict, path: Path, report) -> TrainConfig:
+    """The checkpoint's config, with run-control options from the command line."""
+    saved = from_dict(state["config"], f"config saved in {path}")
+    ignored = [
+        f"--{f.name.replace('_', '-')}"
+        for f in dataclasses.fields(cfg)
+        if f.name not in RUN_CONTROL and getattr(cfg, f.name) != getattr(saved, f.name) and cfg.config is None
+        and getattr(cfg, f.name) != f.default
+    ]
+    if ignored:
+        report(f"warning: resuming with the checkpoint's settings; ignoring {', '.join(ignored)}")
+    return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RUN_CONTROL})
+
+
+def check_before_work(cfg: TrainConfig, ctx: parallel.Context) -> None:
+    """Everything that can be checked without reading data: the model's layers and the layout."""
+    with torch.device("meta"):
+        model = create_model(cfg.model, **model_overrides(cfg, cfg.num_classes or 1000))
+    if cfg.fine_tune_epochs > 0:
+        check_layer_name(model, cfg.fine_tune_first_trainable_layer)
+    parallel.check_layout(cfg, model, ctx)
+
+
+def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | None, state_path: Path | None) -> int:
+    seed_everything(cfg.seed + ctx.rank)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = ctx.device
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    # ---- data (the class list decides the classifier size)
+    native = native_resolution(cfg)
+    val_set = open_dataset(cfg, "validation", eval_transform(native, cfg.crop_pct), native)
+    num_classes = cfg.num_classes or len(val_set.classes)
+    val_loader = make_loader(val_set, cfg.micro_batch_size, SeededSampler(len(val_set), cfg.seed, False, ctx.rank,
+                                                                            ctx.replicas), cfg.workers)
+    train_set = open_dataset(cfg, "train", None, training_resolution(cfg))
+
+    # ---- model
+    model = create_model(cfg.model, **model_overrides(cfg, num_classes)).to(device, memory_format=memory_format)
+    runner = parallel.wrap(model, cfg, ctx)
+    forward_model = torch.compile(runner.module_for_forward) if cfg.compile else runner.module_for_forward
+    scaler = torch.amp.GradScaler(device.type, init_scale=128.0, enabled=cfg.precision == "fp16")
+
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            write_config(run_dir, to_dict(cfg))
+    log = MetricsLog(run_dir, to_dict(cfg), cfg.wandb, cfg.wandb_project) if ctx.is_main else None
+    ctx.print(f"run folder: {run_dir}")
+    ctx.print(
+        f"{cfg.model} g{cfg.group_size} e{cfg.expand_ratio} {cfg.norm}{'+pn' if cfg.proxy_norm else ''}: "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes, "
+        f"train at {training_resolution(cfg)} px, test at {native} px, global batch {global_batch_size(cfg)}"
+    )
+
+    progress = Progress()
+    if state is not None:
+        progress = Progress(**state["progress"])
+        ctx.print(f"resuming from {state_path} ({progress.phase} epoch {progress.epoch}, step {progress.step})")
+
+    stopper = SignalStopper()
+    try:
+        # ---- main training phase
+        phase = make_train_phase(cfg, model, num_classes, len(train_set), ctx)
+        if progress.phase == "train":
+            if state is not None:
+                restore(state, model, phase, scaler)
+            run_phase(cfg, ctx, phase, model, forward_model, runner, scaler, train_set, val_loader, progress,
+                      run_dir, log, stopper)
+            final_train = phase.epoch_average or phase.ema
+            if final_train is not None:
+                model.load_state_dict(final_train.module.state_dict())  # continue from the averaged weights
+                report_validation(cfg, ctx, log, progress, model, val_loader, "averaged")
+
+        # ---- fine-tune the head at the test resolution (reduced-resolution training)
+        if needs_fine_tune(cfg):
+            phase = make_fine_tune_phase(cfg, model, num_classes, len(train_set), ctx)
+            if progress.phase == "train":
+                progress = dataclasses.replace(progress, phase="fine_tune", epoch=0, micro_batch=0)
+            elif state is not None:
+                restore(state, model, phase, scaler)
+            run_phase(cfg, ctx, phase, model, forward_model, runner, scaler, train_set, val_loader, progress,
+                      run_dir, log, stopper)
+    finally:
+        stopper.restore()
+
+    final = report_validation(cfg, ctx, log, progress, model, val_loader, "final")
+    if ctx.is_main:
+        export_safetensors(model.state_dict(), run_dir / "model.safetensors",
+                           {"config": json.dumps(to_dict(cfg)), "num_classes": str(num_classes)})
+        (run_dir / "final.json").write_text(json.dumps(dict(final, step=progress.step, resolution=native), indent=2))
+        log.close()
+    ctx.print(f"final: top-1 {final['top1']:.2f} %, top-5 {final['top5']:.2f} % at {native} px; weights: "
+              f"{run_dir / 'model.safetensors'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- phases
+
+
+def make_train_phase(cfg: TrainConfig, model: nn.Module, num_classes: int, train_size: int,
+                     ctx: parallel.Context) -> Phase:
+    resolution = training_resolution(cfg)
+    steps = steps_per_epoch(cfg, train_size, cfg.micro_batch_size, ctx)
+    lr = cfg.lr or cfg.lr_per_image * global_batch_size(cfg)
+    groups = parameter_groups(model, cfg.weight_decay, cfg.proxy_weight_decay)
+    optimizer = build_optimizer(cfg.optimizer, groups, lr, cfg.momentum, cfg.nesterov, cfg.rmsprop_decay,
+                                cfg.optimizer_eps)
+    schedule = LRSchedule(cfg.lr_schedule, steps, max(cfg.epochs * steps, 1), round(cfg.warmup_epochs * steps),
+                          cfg.lr_decay, cfg.lr_decay_epochs)
+    return Phase(
+        name="train",
+        epochs=cfg.epochs,
+        resolution=resolution,
+        micro_batch_size=cfg.micro_batch_size,
+        test_preprocessing=False,
+        mixer=BatchMixer(num_classes, cfg.mixup_alpha, cfg.cutmix_lambda),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        steps_per_epoch=steps,
+        ema=make_average(model, cfg.ema_decay),
+        epoch_average=make_average(model, cfg.epoch_average_decay),
+    )
+
+
+def needs_fine_tune(cfg: TrainConfig) -> bool:
+    return cfg.fine_tune_epochs > 0 and training_resolution(cfg) != native_resolution(cfg)
+
+
+def make_fine_tune_phase(cfg: TrainConfig, model: nn.Module, num_classes: int, train_size: int,
+                         ctx: parallel.Context) -> Phase:
+    """SGD without momentum, cosine LR, mixing off, layers before the named one frozen."""
+    frozen = freeze_before(model, cfg.fine_tune_first_trainable_layer)
+    micro_batch = cfg.fine_tune_batch_size or cfg.micro_batch_size
+    steps = steps_per_epoch(cfg, train_size, micro_batch, ctx)
+    lr = cfg.fine_tune_lr_per_image * micro_batch * cfg.gradient_accumulation * ctx.replicas
+    optimizer = torch.optim.SGD(parameter_groups(model, cfg.weight_decay, cfg.proxy_weight_decay), lr=lr, momentum=0.0)
+    schedule = LRSchedule("cosine", steps, max(cfg.fine_tune_epochs * steps, 1))
+    return Phase(
+        name="fine_tune",
+        epochs=cfg.fine_tune_epochs,
+        resolution=native_resolution(cfg),
+        micro_batch_size=micro_batch,
+        test_preprocessing=True,
+        mixer=BatchMixer(num_classes),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        steps_per_epoch=steps,
+        frozen=frozen,
+    )
+
+
+def run_phase(cfg, ctx, phase: Phase, model, forward_model, runner, scaler, train_set, val_loader,
+              progress: Progress, run_dir: Path, log, stopper) -> None:
+    """Epochs of one phase, from wherever `progress` says the run is."""
+    set_phase_preprocessing(train_set, cfg, phase)
+    sampler = SeededSampler(len(train_set), cfg.seed + (1000 if phase.name == "fine_tune" else 0), True, ctx.rank,
+                            ctx.replicas)
+    loader = make_loader(train_set, phase.micro_batch_size, sampler, cfg.workers, drop_last=True)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    device = ctx.device
+    accumulation = cfg.gradient_accumulation
+
+    while progress.epoch < phase.epochs:
+        epoch = progress.epoch
+        sampler.set_epoch(epoch, start=progress.micro_batch * phase.micro_batch_size)
+        train_mode(model, phase.frozen)
+        started = time.perf_counter()
+        seen = correct = skipped = 0
+        loss_sum = 0.0
+        window_losses: list[torch.Tensor] = []
+        bar = tqdm(total=phase.steps_per_epoch, initial=progress.micro_batch // accumulation,
+                   desc=f"{phase.name} {epoch + 1}/{phase.epochs}", disable=not (cfg.progress and ctx.is_main),
+                   leave=False, dynamic_ncols=True)
+        for images, labels, skipped_files in loader:
+            if progress.micro_batch // accumulation >= phase.steps_per_epoch:
+                break
+            for item in skipped_files:
+                ctx.print(f"warning: skipped undecodable image {item.path} ({item.reason})")
+            skipped += len(skipped_files)
+            progress.micro_batch += 1
+            final_micro = progress.micro_batch % accumulation == 0
+            if labels.numel():
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
+                labels = labels.to(device, non_blocking=True)
+                inputs, targets = phase.mixer(images, labels) if phase.mixer.active else (images, labels)
+                with runner.sync_gradients(final_micro), autocast_context(device, cfg.precision):
+                    logits = forward_model(inputs)
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+                scaler.scale(loss / accumulation).backward()
+                window_losses.append(loss.detach())
+                hard = targets.argmax(1) if targets.ndim == 2 else targets
+                correct += int((logits.detach().argmax(1) == hard).sum())
+                seen += labels.numel()
+                loss_sum += float(loss.detach()) * labels.numel()
+            if not final_micro:
+                continue
+
+            # ---- optimizer step
+            if window_losses and not all(torch.isfinite(v) for v in window_losses):
+                handle_nonfinite(cfg, ctx, phase, progress, window_losses, run_dir)
+            else:
+                scaler.step(phase.optimizer)
+                scaler.update()
+                if phase.ema is not None:
+                    phase.ema.update_parameters(model)
+            phase.optimizer.zero_grad(set_to_none=True)
+            phase.scheduler.step()
+            window_losses = []
+            progress.step += 1
+            bar.update(1)
+            if seen:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", top1=f"{100 * correct / seen:.1f}",
+                                img_s=f"{seen * ctx.replicas / (time.perf_counter() - started):.1f}",
+                                lr=f"{phase.optimizer.param_groups[0]['lr']:.2e}")
+            if cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0 and \
+                    progress.micro_batch // accumulation < phase.steps_per_epoch:
+                write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, epoch_end=False)
+            stop_code = stopper.code or (143 if cfg.stop_after_steps and progress.step >= cfg.stop_after_steps else 0)
+            if stop_code and progress.micro_batch // accumulation < phase.steps_per_epoch:
+                path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, epoch_end=False)
+                raise StopRequested(stop_code, path)
+        bar.close()
+
+        # ---- end of epoch
+        elapsed = time.perf_counter() - started
+        totals = ctx.all_reduce_sum([seen, correct, loss_sum, skipped])
+        progress.epoch += 1
+        progress.micro_batch = 0
+        if phase.epoch_average is not None:
+            phase.epoch_average.update_parameters(model)
+        record = dict(event="epoch", phase=phase.name, epoch=progress.epoch, step=progress.step,
+                      resolution=phase.resolution, lr=phase.optimizer.param_groups[0]["lr"],
+                      train_loss=totals[2] / max(totals[0], 1), train_top1=100.0 * totals[1] / max(totals[0], 1),
+                      images_per_s=totals[0] / elapsed, skipped_images=int(totals[3]), seconds=elapsed)
+        last = progress.epoch == phase.epochs
+        if (cfg.validate_every and progress.epoch % cfg.validate_every == 0) or (last and phase.name == "train"):
+            result = evaluate(model, val_loader, device, cfg.precision, cfg.channels_last)
+            result = ctx.reduce_eval(result)
+            record.update(val_top1=result["top1"], val_top5=result["top5"], val_loss=result["loss"], val_weights="raw")
+            train_mode(model, phase.frozen)
+        if log is not None:
+            log.log(record)
+        ctx.print(
+            f"{phase.name} epoch {progress.epoch}/{phase.epochs}: loss {record['train_loss']:.4f}, "
+            f"train top-1 {record['train_top1']:.2f} %, {record['images_per_s']:.1f} img/s"
+            + (f", val top-1 {record['val_top1']:.2f} % top-5 {record['val_top5']:.2f} %" if "val_top1" in record else "")
+            + (f", {record['skipped_images']} images skipped" if record["skipped_images"] else "")
+        )
+        write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, epoch_end=True)
+        stop_code = stopper.code or (143 if cfg.stop_after_steps and progress.step >= cfg.stop_after_steps else 0)
+        if stop_code and not (last and phase.name == "fine_tune"):
+            raise StopRequested(stop_code, None)
+
+
+def handle_nonfinite(cfg, ctx, phase: Phase, progress: Progress, losses, run_dir: Path) -> None:
+    """Skip the step while --skip-nonfinite-steps allows; otherwise stop with the step named."""
+    bad = next(float(v) for v in losses if not torch.isfinite(v))
+    progress.nonfinite_skipped += 1
+    where = f"{phase.name} epoch {progress.epoch + 1}, step {progress.step + 1}"
+    if progress.nonfinite_skipped > cfg.skip_nonfinite_steps:
+        from training.checkpoint import list_checkpoints
+
+        saved = list_checkpoints(run_dir)
+        raise TrainingError(
+            f"loss is {bad} at {where}; stopping. Last good checkpoint: "
+            f"{saved[-1] if saved else 'none yet'}. Lower the LR, use --precision fp32, or allow skips with "
+            f"--skip-nonfinite-steps N"
+        )
+    ctx.print(f"warning: loss is {bad} at {where}; step skipped "
+              f"({progress.nonfinite_skipped}/{cfg.skip_nonfinite_steps} allowed)")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progress: Progress,
+                     epoch_end: bool) -> Path | None:
+    if not ctx.is_main:
+        ctx.barrier()
+        return None
+    state = dict(
+        model=model.state_dict(),
+        optimizer=phase.optimizer.state_dict(),
+        scheduler=phase.scheduler.state_dict(),
+        scaler=scaler.state_dict(),
+        ema=phase.ema.state_dict() if phase.ema is not None else None,
+        epoch_average=phase.epoch_average.state_dict() if phase.epoch_average is not None else None,
+        progress=dataclasses.asdict(progress),
+        rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
+                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+        config=to_dict(cfg),
+    )
+    name = checkpoint_name(progress.step, phase.name, progress.epoch) if epoch_end else checkpoint_name(progress.step)
+    path = run_dir / name
+    save_checkpoint(path, state)
+    prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
+    ctx.barrier()
+    return path
+
+
+def restore(state: dict, model: nn.Module, phase: Phase, scaler) -> None:
+    model.load_state_dict(state["model"])
+    phase.optimizer.load_state_dict(state["optimizer"])
+    phase.scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    for name in ("ema", "epoch_average"):
+        average = getattr(phase, name)
+        if average is not None and state.get(name) is not None:
+            average.load_state_dict(state[name])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"].get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def open_dataset(cfg: TrainConfig, split: str, transform, resolution: int, draft: int | None = None):
+    return open_split(cfg.data, split, transform, cfg.data_path, cfg.strict_images, resolution,
+                      cfg.num_classes or 1000, cfg.generated_size if split == "train" else max(cfg.generated_size // 4, 1),
+                      draft)
+
+
+def set_phase_preprocessing(train_set, cfg: TrainConfig, phase: Phase) -> None:
+    """Training crops for the main phase; test-time crops (at the test resolution) for fine-tuning."""
+    if isinstance(train_set, GeneratedDataset):
+        train_set.resolution = phase.resolution
+    elif phase.test_preprocessing:
+        train_set.transform = eval_transform(phase.resolution, cfg.crop_pct)
+        train_set.draft_short_side = eval_resize_size(phase.resolution, cfg.crop_pct)
+    else:
+        train_set.transform = train_transform(phase.resolution, cfg.min_crop_area, cfg.hflip)
+        train_set.draft_short_side = phase.resolution
+
+
+def steps_per_epoch(cfg: TrainConfig, dataset_length: int, micro_batch: int, ctx: parallel.Context) -> int:
+    per_rank = math.ceil(dataset_length / ctx.replicas)
+    steps = per_rank // micro_batch // cfg.gradient_accumulation
+    if steps < 1:
+        raise ConfigError(
+            f"the training set ({dataset_length} images over {ctx.replicas} replica(s)) is smaller than one global "
+            f"batch of {micro_batch * cfg.gradient_accumulation * ctx.replicas}; lower --micro-batch-size or "
+            f"--gradient-accumulation"
+        )
+    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+
+
+def report_validation(cfg, ctx, log, progress: Progress, model, loader, label: str) -> dict:
+    result = ctx.reduce_eval(evaluate(model, loader, ctx.device, cfg.precision, cfg.channels_last))
+    ctx.print(f"validation ({label} weights): top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} %, "
+              f"loss {result['loss']:.4f}")
+    if log is not None:
+        log.log(dict(event="validation", weights=label, step=progress.step, **result))
+    return result
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SignalStopper:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.code = 0
+        self.previous = {}
+        for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+            try:
+                self.previous[signum] = signal.signal(signum, lambda *_ , c=code: self._request(c))
+            except ValueError:  # not the main thread
+                pass
+
+    def _request(self, code: int) -> None:
+        if self.code:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.code = code
+        print("stop requested: writing a checkpoint at the next step", file=sys.stderr)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Shared helpers: a tiny, fast training command line on the demo digits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_train_args(output_dir: Path, *extra: str) -> list[str]:
+    """A seconds-long demo run: B0 at width/depth 0.25, 32 px, 3 steps of 8 images per epoch."""
+    return [
+        "--config", "demo", "--width", "0.25", "--depth", "0.25", "--resolution", "32", "--half-resolution", "24",
+        "--epochs", "2", "--max-steps-per-epoch", "3", "--micro-batch-size", "8", "--workers", "0",
+        "--progress", "false", "--output-dir", str(output_dir), "--fine-tune-epochs", "1", *extra,
+    ]
+
+
+def run_cli(script: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def tiny_args(tmp_path: Path):
+    return lambda *extra: tiny_train_args(tmp_path / "runs", *extra)

@@ -1,0 +1,319 @@
+"""The training application: recipe pieces against their definitions, exact resume, the
+reduced-resolution flow, robust data, and every named config."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_train
+from conftest import run_cli
+from models import create_model
+from training.checkpoint import list_checkpoints, load_checkpoint
+from training.config import (
+    ConfigError,
+    TrainConfig,
+    check_config,
+    config_names,
+    make_config,
+    model_overrides,
+    parse_args,
+    resolve_config,
+)
+from training.mixing import BatchMixer, FixedCutMix
+from training.optim import LRSchedule, RMSpropTF, build_optimizer, parameter_groups
+
+
+def _only_run(root: Path) -> Path:
+    runs = [p for p in root.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+# ---------------------------------------------------------------------------- optimizers and schedules
+
+
+def test_rmsprop_tf_matches_its_definition() -> None:
+    p0 = torch.tensor([1.0, -2.0, 0.5])
+    grads = [torch.tensor([0.1, 0.2, -0.3]), torch.tensor([-0.4, 0.05, 0.6])]
+    lr, decay, momentum, eps, wd = 0.01, 0.9, 0.8, 1e-3, 0.1
+    param = torch.nn.Parameter(p0.clone())
+    opt = RMSpropTF([param], lr=lr, decay=decay, momentum=momentum, eps=eps, weight_decay=wd)
+    # closed form, by hand
+    p, ms, mom = p0.clone(), torch.ones(3), torch.zeros(3)
+    for g in grads:
+        g = g + wd * p
+        ms = decay * ms + (1 - decay) * g * g
+        mom = momentum * mom + lr * g / torch.sqrt(ms + eps)
+        p = p - mom
+    for g in grads:
+        param.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(param.detach(), p)
+    # and it is not torch's RMSprop (eps outside the root, mean square from 0)
+    other = torch.nn.Parameter(p0.clone())
+    torch_opt = torch.optim.RMSprop([other], lr=lr, alpha=decay, eps=eps, momentum=momentum, weight_decay=wd)
+    for g in grads:
+        other.grad = g.clone()
+        torch_opt.step()
+    assert not torch.allclose(other.detach(), p)
+
+
+def test_exponential_schedule_with_warmup() -> None:
+    schedule = LRSchedule("exponential", steps_per_epoch=10, total_steps=1000, warmup_steps=50, decay=0.97,
+                          decay_epochs=2.4)
+    assert schedule(0) == pytest.approx(1 / 50)
+    assert schedule(49) == pytest.approx(1.0)
+    assert schedule(50) == pytest.approx(0.97 ** math.floor(50 / 24))
+    assert schedule(240) == pytest.approx(0.97**10)
+    assert schedule(239) == pytest.approx(0.97**9)
+
+
+def test_cosine_schedule() -> None:
+    schedule = LRSchedule("cosine", steps_per_epoch=10, total_steps=110, warmup_steps=10)
+    assert schedule(9) == pytest.approx(1.0)
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.5)
+    assert schedule(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lr_follows_schedule_through_lambda_lr() -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer("sgd", parameter_groups(model, 0.0, 0.0), lr=0.5)
+    schedule = LRSchedule("exponential", steps_per_epoch=4, total_steps=40, warmup_steps=2, decay=0.5, decay_epochs=1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.25, 0.5, 0.5 * 0.5**0, 0.5, 0.25, 0.25, 0.25, 0.25, 0.125, 0.125])
+
+
+def test_global_batch_lr_rule() -> None:
+    cfg = make_config(resolve_config("efficientnet-b0-g16-gn"))
+    assert cfg.micro_batch_size * cfg.gradient_accumulation * cfg.replicas == 768
+    assert cfg.lr_per_image * 768 == pytest.approx(0.046875)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+def test_weight_decay_lands_only_on_intended_parameters(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=4, group_size=16, expand_ratio=4,
+                         norm="layer", proxy_norm=True)
+    groups = parameter_groups(model, weight_decay=0.1, proxy_weight_decay=0.05)
+    by_group = {g["group"]: g for g in groups}
+    assert all(n.endswith(("proxy_beta", "proxy_gamma")) for n in by_group["proxy"]["names"])
+    assert all(("conv" in n or "classifier" in n or "reduce" in n or "expand" in n) and n.endswith("weight")
+               for n in by_group["decay"]["names"])
+    no_decay = by_group["no_decay"]["names"]
+    assert any(n.endswith("norm_act.weight") for n in no_decay) and any(n.endswith(".bias") for n in no_decay)
+    # with zero gradients only the decay terms move parameters
+    opt = build_optimizer(name, groups, lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for group, decay in (("decay", 0.1), ("no_decay", 0.0), ("proxy", 0.05)):
+        for pname in by_group[group]["names"]:
+            p = dict(model.named_parameters())[pname].detach()
+            moved = not torch.equal(p, before[pname])
+            nonzero = bool(before[pname].abs().sum() > 0)
+            assert moved == (decay > 0 and nonzero), (name, pname)
+
+
+def test_fixed_cutmix_keeps_the_stated_share() -> None:
+    torch.manual_seed(0)
+    images = torch.stack([torch.full((3, 20, 20), float(i)) for i in range(4)])
+    soft = torch.eye(4)
+    mixed, labels = FixedCutMix(0.75)(images, soft)
+    pasted = (mixed[:, 0] != images[:, 0]).float().mean(dim=(1, 2))
+    torch.testing.assert_close(labels.sum(1), torch.ones(4))
+    torch.testing.assert_close(labels[torch.arange(4), (torch.arange(4) - 1) % 4], pasted)
+    assert float(pasted.max()) <= 0.25 + 1e-6
+
+
+def test_mixup_produces_soft_labels() -> None:
+    torch.manual_seed(0)
+    mixer = BatchMixer(5, mixup_alpha=0.2)
+    images, labels = mixer(torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0]))
+    assert labels.shape == (6, 5)
+    torch.testing.assert_close(labels.sum(1), torch.ones(6))
+
+
+# ---------------------------------------------------------------------------- configs and CLI
+
+
+@pytest.mark.parametrize("name", [n for n in config_names() if n != "demo"])
+def test_every_config_builds_and_takes_a_training_step(name: str) -> None:
+    cfg = make_config({**resolve_config(name), "data": "generated"})
+    check_config(cfg)
+    torch.manual_seed(0)
+    model = create_model(cfg.model, **model_overrides(cfg, 10))
+    opt = build_optimizer(cfg.optimizer, parameter_groups(model, cfg.weight_decay, cfg.proxy_weight_decay), 0.01,
+                          cfg.momentum, cfg.nesterov, cfg.rmsprop_decay, cfg.optimizer_eps)
+    images, labels = BatchMixer(10, cfg.mixup_alpha, cfg.cutmix_lambda)(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    loss = torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
+    loss.backward()
+    before = model.classifier[1].weight.detach().clone()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, model.classifier[1].weight)
+
+
+def test_paper_hyperparameters_in_configs() -> None:
+    b0 = make_config(resolve_config("efficientnet-b0-g16-gn"))
+    b4 = make_config(resolve_config("efficientnet-b4-g16-lnpn"))
+    assert (b0.group_size, b0.expand_ratio, b0.norm, b0.proxy_norm) == (16, 4, "group", False)
+    assert (b4.norm, b4.proxy_norm, b4.model) == ("layer", True, "efficientnet-b4")
+    assert b0.mixup_alpha == 0.1 and b0.cutmix_lambda == 1.0 and b4.mixup_alpha == 0.2 and b4.cutmix_lambda < 1
+    assert (b0.optimizer, b0.rmsprop_decay, b0.optimizer_eps, b0.momentum) == ("rmsprop", 0.953125, 1e-3, 0.9)
+    assert (b0.lr_decay, b0.lr_decay_epochs, b0.warmup_epochs, b0.epochs) == (0.97, 2.4, 5.0, 350)
+    g1 = make_config(resolve_config("efficientnet-b2-g1-bn"))
+    assert (g1.group_size, g1.expand_ratio, g1.norm) == (1, 6, "batch")
+
+
+def test_command_line_beats_config_beats_defaults() -> None:
+    cfg = parse_args(["--config", "efficientnet-b2-g16-gn", "--lr-decay", "0.5", "--half-res-training"])
+    assert cfg.model == "efficientnet-b2"  # from the config
+    assert cfg.lr_decay == 0.5  # from the command line
+    assert cfg.half_res_training is True
+    assert cfg.crop_pct == TrainConfig().crop_pct  # default
+
+
+def test_unknown_config_and_keys_suggest_close_matches(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean: efficientnet-b2-g16-gn"):
+        parse_args(["--config", "efficientnet-b2-g16-gm"])
+    with pytest.raises(ConfigError, match="unknown option --lr-deacy.*--lr-decay"):
+        parse_args(["--lr-deacy", "0.5"])
+    bad = tmp_path / "configs.yml"
+    bad.write_text("x:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match="unknown option 'epoch'.*epochs"):
+        resolve_config("x", bad)
+    with pytest.raises(ConfigError, match="'epochs' must be an integer"):
+        make_config({"epochs": "ten"})
+
+
+def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
+    for args, needle in [
+        (["--config", "nope"], "unknown config"),
+        (["--config", "demo", "--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
+        (["--config", "demo", "--resolution", "8"], "--resolution must be at least"),
+        (["--config", "demo", "--fine-tune-first-trainable-layer", "blocks.9"], "has no layer 'blocks.9'"),
+        (["--config", "demo", "--norm", "instance"], "--norm must be one of"),
+        (["--data", "imagenet", "--data-path", str(tmp_path / "missing")], "data path not found"),
+    ]:
+        result = run_cli("run_train.py", *args, "--output-dir", str(tmp_path / "runs"))
+        assert result.returncode == 2, (args, result.stderr)
+        assert needle in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_help_and_list_configs() -> None:
+    result = run_cli("run_train.py", "--help")
+    assert result.returncode == 0
+    for text in ("--half-res-training", "--fine-tune-first-trainable-layer", "--precision", "--resume"):
+        assert text in result.stdout
+    assert "default: 0.875" in result.stdout or "(default: 0.875)" in result.stdout
+    listed = run_cli("run_train.py", "--list-configs").stdout.split()
+    assert "efficientnet-b2-g16-gn" in listed and "demo" in listed and "_base" not in listed
+    assert len(listed) == 33
+
+
+# ---------------------------------------------------------------------------- whole runs
+
+
+def test_resume_after_epoch_is_bitwise_exact(tiny_args, tmp_path: Path) -> None:
+    extra = ["--ema-decay", "0.9", "--mixup-alpha", "0.2", "--cutmix-lambda", "0.8", "--fine-tune-epochs", "0"]
+    assert run_train.main(tiny_args(*extra, "--run-name", "straight")) == 0
+    assert run_train.main(tiny_args(*extra, "--run-name", "cut", "--stop-after-steps", "3")) == 143
+    cut = tmp_path / "runs" / "cut"
+    assert [p.name for p in list_checkpoints(cut)] == ["checkpoint-000000003-train-epoch0001.pt"]
+    assert run_train.main(tiny_args(*extra, "--run-name", "cut", "--resume", "auto")) == 0
+    a = load_checkpoint(list_checkpoints(tmp_path / "runs" / "straight")[-1])
+    b = load_checkpoint(list_checkpoints(cut)[-1])
+    for key in ("model", "ema", "epoch_average"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    assert a["progress"] == b["progress"]
+
+
+def test_resume_mid_epoch_is_bitwise_exact(tiny_args, tmp_path: Path) -> None:
+    extra = ["--mixup-alpha", "0.2", "--fine-tune-epochs", "0", "--workers", "2", "--checkpoint-every-steps", "1"]
+    assert run_train.main(tiny_args(*extra, "--run-name", "straight")) == 0
+    assert run_train.main(tiny_args(*extra, "--run-name", "cut", "--stop-after-steps", "4")) == 143
+    assert run_train.main(tiny_args(*extra, "--run-name", "cut", "--resume", "auto")) == 0
+    a = load_checkpoint(list_checkpoints(tmp_path / "runs" / "straight")[-1])
+    b = load_checkpoint(list_checkpoints(tmp_path / "runs" / "cut")[-1])
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_half_res_training_fine_tunes_head_at_test_resolution(tiny_args, tmp_path: Path) -> None:
+    assert run_train.main(tiny_args("--half-res-training", "--run-name", "half")) == 0
+    run = tmp_path / "runs" / "half"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [(r["phase"], r["resolution"]) for r in epochs] == [("train", 24), ("train", 24), ("fine_tune", 32)]
+    assert [r["weights"] for r in records if r["event"] == "validation"] == ["averaged", "final"]
+    # fine-tuning started from the averaged weights and changed only the head and classifier
+    averaged = load_checkpoint(next(p for p in list_checkpoints(run) if "train-epoch0002" in p.name))["epoch_average"]
+    final = load_file(run / "model.safetensors")
+    changed = {name.split(".")[0] for name, tensor in final.items() if not torch.equal(tensor, averaged["module." + name])}
+    assert changed == {"head", "classifier"}
+    assert json.loads((run / "final.json").read_text())["resolution"] == 32
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("phase,epoch,step,resolution,lr")
+    saved = load_checkpoint(list_checkpoints(run)[-1])["config"]
+    assert saved["half_res_training"] is True and (run / "config.yaml").is_file()
+
+
+def test_run_folder_is_never_overwritten(tiny_args, tmp_path: Path) -> None:
+    args = tiny_args("--run-name", "once", "--epochs", "1", "--fine-tune-epochs", "0")
+    assert run_train.main(args) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "once").iterdir()}
+    assert run_train.main(args) == 2
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "once").iterdir()}
+    assert before == after
+
+
+def _write_messy_folder(root: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        for label, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i, size in enumerate([(50, 40), (33, 61), (80, 80), (45, 45)]):
+                Image.new("RGB", size, colour).save(folder / f"rgb{i}.jpg")
+            Image.new("L", (40, 30), 128).save(folder / "gray.jpg")
+            Image.new("CMYK", (36, 36), (0, 200, 200, 0)).save(folder / "cmyk.jpg")
+            Image.new("RGBA", (40, 40), (*colour, 128)).save(folder / "png_inside.JPEG", format="PNG")
+            Image.new("P", (40, 40)).save(folder / "palette.png")
+            (folder / "notes.txt").write_text("not an image")
+    (root / "train" / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+
+
+def test_messy_image_folder_trains_and_reports_corrupt_file(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _write_messy_folder(data)
+    result = run_cli(
+        "run_train.py", "--config", "demo", "--data", "imagenet", "--data-path", str(data), "--width", "0.25",
+        "--depth", "0.25", "--resolution", "32", "--epochs", "2", "--micro-batch-size", "4", "--workers", "1",
+        "--fine-tune-epochs", "0", "--progress", "false", "--output-dir", str(tmp_path / "runs"), "--run-name", "m",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "corrupt.jpg" in result.stderr and "Traceback" not in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "runs" / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("skipped_images", 0) for r in records if r["event"] == "epoch") >= 1
+    strict = run_cli(
+        "run_train.py", "--config", "demo", "--data", "imagenet", "--data-path", str(data), "--width", "0.25",
+        "--depth", "0.25", "--resolution", "32", "--epochs", "2", "--micro-batch-size", "4", "--workers", "0",
+        "--fine-tune-epochs", "0", "--progress", "false", "--output-dir", str(tmp_path / "runs"), "--strict-images",
+    )
+    assert strict.returncode == 2 and "corrupt.jpg" in strict.stderr and "Traceback" not in strict.stderr

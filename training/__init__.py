@@ -1,0 +1,1 @@
+"""The training application's parts: config, optimisation, mixing, averaging, checkpoints, metrics."""

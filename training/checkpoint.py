@@ -1,0 +1,117 @@
+"""Checkpoints that survive crashes: atomic writes, safe loads, newest-good-one discovery.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed
+over the target, so a crash or a full disk leaves the previous checkpoint untouched. Loading
+uses `weights_only=True`: a file that carries pickled code is refused, never run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{9})(?:-(train|fine_tune)-epoch(\d{4}))?\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used (missing, truncated, corrupt, unsafe or foreign)."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file_object) on a temp file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    state = dict(state, format_version=FORMAT_VERSION)
+    atomic_write(Path(path), lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise CheckpointError(
+                f"checkpoint {path} holds objects that could run code when unpickled; refused "
+                f"(only tensors and plain data are loaded): {text}"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {text}") from None
+    if not isinstance(state, dict) or "model" not in state or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a checkpoint written by this application")
+    return state
+
+
+def checkpoint_name(step: int, phase: str | None = None, epoch: int | None = None) -> str:
+    """checkpoint-<step>.pt, or checkpoint-<step>-<phase>-epoch<N>.pt at the end of an epoch."""
+    if phase is None:
+        return f"checkpoint-{step:09d}.pt"
+    return f"checkpoint-{step:09d}-{phase}-epoch{epoch:04d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints in a run folder, oldest first (by step; an epoch-end one after a step one)."""
+    found = []
+    for entry in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
+        match = CHECKPOINT_RE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2) is not None, entry))
+    return [entry for *_, entry in sorted(found)]
+
+
+def newest_good_checkpoint(run_dir: Path, report=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads; bad ones are reported and passed over."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as error:
+            report(f"warning: skipping unusable checkpoint: {error}")
+    return None
+
+
+def prune_step_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` mid-epoch checkpoints; epoch-end ones stay."""
+    step_only = [p for p in list_checkpoints(run_dir) if CHECKPOINT_RE.match(p.name).group(2) is None]
+    for path in step_only[: max(len(step_only) - keep, 0)]:
+        path.unlink(missing_ok=True)
+
+
+def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    payload = save(tensors, metadata=metadata)
+    atomic_write(Path(path), lambda handle: handle.write(payload))

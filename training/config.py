@@ -1,0 +1,379 @@
+"""Run configuration: configs.yml (with inheritance) → TrainConfig dataclass → the code.
+
+Precedence: command line > named config > dataclass defaults. Every field is a CLI option
+(`--half-res-training`, `--lr 0.1`, ...). Problems raise ConfigError with one line naming the
+option or config; the entry points print it and exit 2 before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from models import FAMILY
+
+CONFIGS_FILE = Path(__file__).resolve().parent.parent / "configs.yml"
+MIN_RESOLUTION = 16  # below this, every stage from the third on sees 1x1 maps
+
+
+class ConfigError(Exception):
+    """A user error in a config file or an option; the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Comments become --help text."""
+
+    config: str | None = None  # named config from configs.yml (see --list-configs)
+
+    # ---- model
+    model: str = "efficientnet-b0"  # efficientnet-b0 ... efficientnet-b7
+    group_size: int = 16  # channels per group of the spatial convs (1 = depthwise)
+    expand_ratio: int = 4  # MBConv expansion ratio (6 for G1, 4 for G16)
+    norm: str = "group"  # batch | group | layer
+    norm_groups: int = 4  # groups for norm=group
+    norm_eps: float | None = None  # None: 1e-3 for group/layer, 1e-5 for batch
+    proxy_norm: bool = False  # Proxy Norm after GN/LN
+    width: float | None = None  # width multiplier (None: the model's own)
+    depth: float | None = None  # depth multiplier (None: the model's own)
+    dropout: float | None = None  # classifier dropout (None: the model's own)
+    stochastic_depth: float = 0.2  # drop-path rate of the last block
+
+    # ---- data
+    data: str = "imagenet"  # imagenet | generated | demo
+    data_path: str | None = None  # folder with train/ and validation/ (or val/)
+    num_classes: int | None = None  # None: the number of class folders (1000 for generated)
+    resolution: int | None = None  # test (native) resolution; None: the model's
+    half_res_training: bool = False  # train at half_resolution, then fine-tune at resolution
+    half_resolution: int | None = None  # None: the paper's half resolution for the model
+    train_resolution: int | None = None  # train at this resolution (overrides the above)
+    crop_pct: float = 0.875  # test-time centre crop fraction (short side = res / crop_pct)
+    min_crop_area: float = 0.05  # smallest area of the random-resized crop
+    hflip: float = 0.5  # horizontal flip probability
+    workers: int = 4  # DataLoader worker processes
+    strict_images: bool = False  # an undecodable image stops the run instead of being skipped
+    generated_size: int = 2048  # samples per epoch for --data generated
+
+    # ---- optimisation
+    epochs: int = 350
+    micro_batch_size: int = 32  # samples per step on one replica
+    gradient_accumulation: int = 1  # micro-batches per optimizer step
+    optimizer: str = "rmsprop"  # rmsprop (TF form) | sgd | adamw
+    lr: float | None = None  # None: lr_per_image × global batch
+    lr_per_image: float = 2.0**-14  # the paper's LR rule (0.046875 at batch 768)
+    momentum: float = 0.9
+    nesterov: bool = False
+    rmsprop_decay: float = 0.953125
+    optimizer_eps: float = 1e-3
+    weight_decay: float = 1e-5  # conv/linear weights only
+    proxy_weight_decay: float = 1e-5  # Proxy Norm's β̃, γ̃
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 5.0
+    lr_schedule: str = "exponential"  # exponential | cosine
+    lr_decay: float = 0.97  # exponential: factor ...
+    lr_decay_epochs: float = 2.4  # ... every this many epochs
+    mixup_alpha: float = 0.0  # 0 = off; coefficient ~ Beta(α, α)
+    cutmix_lambda: float = 1.0  # share of the image kept by CutMix; 1.0 = off
+    ema_decay: float = 0.0  # per-step EMA of the weights; 0 = off
+    epoch_average_decay: float = 0.97  # the paper's average of per-epoch weights; 0 = off
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests, benchmarks)
+
+    # ---- reduced-resolution fine-tuning
+    fine_tune_epochs: int = 2
+    fine_tune_first_trainable_layer: str = "head"  # module path; everything before it is frozen
+    fine_tune_lr_per_image: float = 0.25 / 512  # SGD, momentum 0, cosine
+    fine_tune_batch_size: int | None = None  # None: micro_batch_size
+
+    # ---- precision and speed
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    # ---- parallel (see parallel/)
+    replicas: int = 1
+    pipeline_splits: list[str] = field(default_factory=list)  # module paths where a stage begins
+    pipeline_schedule: str = "gpipe"  # gpipe | 1f1b
+
+    # ---- run, checkpoints, logging
+    seed: int = 0
+    deterministic: bool = False  # deterministic kernels (exact resumes on CPU need no more)
+    output_dir: str = "runs"
+    run_name: str | None = None  # None: <config>-<date>-<time>
+    resume: str | None = None  # checkpoint path, run folder, or "auto" (newest good checkpoint)
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps (0 = epochs only)
+    keep_checkpoints: int = 3  # step checkpoints kept (epoch checkpoints are all kept)
+    validate_every: int = 1  # validate every N epochs (0 = only at the end)
+    skip_nonfinite_steps: int = 0  # tolerate this many NaN/Inf losses (skipped) before stopping
+    progress: bool = True  # tqdm progress bars
+    wandb: bool = False  # log to Weights & Biases (offline unless WANDB_API_KEY is set)
+    wandb_project: str = "efficientnet-g16"
+    stop_after_steps: int | None = None  # stop after this many steps in all, checkpointing as on SIGTERM
+
+
+# Options that steer a run without changing what it computes: on --resume they come from the
+# command line; every other option comes from the checkpoint's saved config.
+RUN_CONTROL = (
+    "config", "resume", "stop_after_steps", "progress", "wandb", "wandb_project", "workers", "output_dir",
+    "run_name", "checkpoint_every_steps", "keep_checkpoints", "device",
+)
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model": tuple(FAMILY),
+    "norm": ("batch", "group", "layer"),
+    "data": ("imagenet", "generated", "demo"),
+    "optimizer": ("rmsprop", "sgd", "adamw"),
+    "lr_schedule": ("exponential", "cosine"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "pipeline_schedule": ("gpipe", "1f1b"),
+}
+POSITIVE_INTS = ("micro_batch_size", "gradient_accumulation", "replicas", "group_size", "expand_ratio", "norm_groups")
+NON_NEGATIVE = ("epochs", "workers", "fine_tune_epochs", "checkpoint_every_steps", "validate_every", "warmup_epochs")
+UNIT_INTERVAL = ("mixup_alpha", "hflip", "ema_decay", "epoch_average_decay", "label_smoothing", "dropout")
+
+
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def close_matches(word: str, candidates: list[str]) -> str:
+    matches = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
+    return f" (did you mean: {', '.join(matches)}?)" if matches else ""
+
+
+# ---------------------------------------------------------------------------- configs.yml
+
+
+def load_config_file(path: Path = CONFIGS_FILE) -> dict[str, dict]:
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"config file {path} must map config names to mappings of options")
+    return data
+
+
+def config_names(path: Path = CONFIGS_FILE) -> list[str]:
+    """Runnable configs; names starting with '_' are building blocks for `inherits`."""
+    return [name for name in load_config_file(path) if not name.startswith("_")]
+
+
+def resolve_config(name: str, path: Path = CONFIGS_FILE) -> dict[str, object]:
+    """Options of a named config with its `inherits` chain applied (later parents win, own keys last)."""
+    table = load_config_file(path)
+
+    def resolve(current: str, chain: tuple[str, ...]) -> dict[str, object]:
+        if current not in table:
+            raise ConfigError(
+                f"unknown config {current!r} in {path}{close_matches(current, [n for n in table if not n.startswith('_')])}"
+            )
+        if current in chain:
+            raise ConfigError(f"config {current!r} in {path} inherits from itself: {' -> '.join(chain + (current,))}")
+        entry = dict(table[current])
+        parents = entry.pop("inherits", [])
+        parents = [parents] if isinstance(parents, str) else parents
+        merged: dict[str, object] = {}
+        for parent in parents:
+            merged.update(resolve(parent, chain + (current,)))
+        merged.update(entry)
+        return merged
+
+    resolved = resolve(name, ())
+    for key in resolved:
+        if key not in field_names():
+            raise ConfigError(f"config {name!r} in {path}: unknown option {key!r}{close_matches(key, field_names())}")
+    resolved["config"] = name
+    return resolved
+
+
+# ---------------------------------------------------------------------------- checking values
+
+
+def _type_ok(value: object, annotation: object) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)  # type: ignore[arg-type]
+
+
+def make_config(values: dict[str, object], source: str = "config") -> TrainConfig:
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown option {key!r}{close_matches(key, list(hints))}")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"{source}: option {key!r} must be {_describe(hints[key])}, got {value!r}")
+    cfg = TrainConfig(**{k: float(v) if hints[k] is float else v for k, v in values.items()})  # type: ignore[arg-type]
+    return cfg
+
+
+def _describe(annotation: object) -> str:
+    text = str(annotation).replace("typing.", "")
+    return {"<class 'int'>": "an integer", "<class 'float'>": "a number", "<class 'bool'>": "true or false"}.get(
+        text, text.replace("<class '", "").replace("'>", "")
+    )
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse impossible settings before any work starts."""
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(
+                f"{option(name)} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}"
+                f"{close_matches(str(getattr(cfg, name)), list(choices))}"
+            )
+    for name in POSITIVE_INTS:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{option(name)} must be at least 1, got {getattr(cfg, name)}")
+    for name in NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{option(name)} must not be negative, got {getattr(cfg, name)}")
+    for name in UNIT_INTERVAL:
+        value = getattr(cfg, name)
+        if value is not None and not 0.0 <= value <= 1.0 and not (name == "mixup_alpha" and value >= 0):
+            raise ConfigError(f"{option(name)} must be between 0 and 1, got {value}")
+    if not 0.0 < cfg.cutmix_lambda <= 1.0:
+        raise ConfigError(f"--cutmix-lambda must be in (0, 1] (1 = off), got {cfg.cutmix_lambda}")
+    if not 0.0 < cfg.crop_pct <= 1.0:
+        raise ConfigError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
+    if not 0.0 < cfg.min_crop_area <= 1.0:
+        raise ConfigError(f"--min-crop-area must be in (0, 1], got {cfg.min_crop_area}")
+    for name in ("resolution", "half_resolution", "train_resolution"):
+        value = getattr(cfg, name)
+        if value is not None and value < MIN_RESOLUTION:
+            raise ConfigError(f"{option(name)} must be at least {MIN_RESOLUTION} pixels, got {value}")
+    for name in ("lr", "lr_per_image", "fine_tune_lr_per_image"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{option(name)} must be positive, got {value}")
+    if cfg.proxy_norm and cfg.norm == "batch":
+        raise ConfigError("--proxy-norm needs a batch-independent norm: use --norm group or --norm layer")
+    if cfg.num_classes is not None and cfg.num_classes < 2:
+        raise ConfigError(f"--num-classes must be at least 2, got {cfg.num_classes}")
+    if cfg.data == "imagenet" and not cfg.data_path:
+        raise ConfigError("--data imagenet needs --data-path DIR (a folder with train/ and validation/ or val/)")
+    if cfg.data == "generated" and cfg.generated_size < 1:
+        raise ConfigError(f"--generated-size must be at least 1, got {cfg.generated_size}")
+    if cfg.fine_tune_batch_size is not None and cfg.fine_tune_batch_size < 1:
+        raise ConfigError(f"--fine-tune-batch-size must be at least 1, got {cfg.fine_tune_batch_size}")
+    if cfg.stop_after_steps is not None and cfg.stop_after_steps < 1:
+        raise ConfigError(f"--stop-after-steps must be at least 1, got {cfg.stop_after_steps}")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"--keep-checkpoints must be at least 1, got {cfg.keep_checkpoints}")
+    if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
+        raise ConfigError(f"--max-steps-per-epoch must be at least 1, got {cfg.max_steps_per_epoch}")
+
+
+# ---------------------------------------------------------------------------- derived values
+
+
+def native_resolution(cfg: TrainConfig) -> int:
+    return cfg.resolution or FAMILY[cfg.model].resolution
+
+
+def training_resolution(cfg: TrainConfig) -> int:
+    if cfg.train_resolution:
+        return cfg.train_resolution
+    if cfg.half_res_training:
+        return cfg.half_resolution or FAMILY[cfg.model].half_resolution
+    return native_resolution(cfg)
+
+
+def global_batch_size(cfg: TrainConfig) -> int:
+    return cfg.micro_batch_size * cfg.gradient_accumulation * cfg.replicas
+
+
+def model_overrides(cfg: TrainConfig, num_classes: int) -> dict[str, object]:
+    """The create_model() keyword arguments this config asks for."""
+    overrides: dict[str, object] = dict(
+        group_size=cfg.group_size,
+        expand_ratio=cfg.expand_ratio,
+        norm=cfg.norm,
+        norm_groups=cfg.norm_groups,
+        norm_eps=cfg.norm_eps,
+        proxy_norm=cfg.proxy_norm,
+        stochastic_depth=cfg.stochastic_depth,
+        num_classes=num_classes,
+    )
+    for name in ("width", "depth", "dropout"):
+        if getattr(cfg, name) is not None:
+            overrides[name] = getattr(cfg, name)
+    return overrides
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, object]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, object], source: str) -> TrainConfig:
+    """Rebuild a config saved in a run folder or checkpoint (unknown keys are an error)."""
+    return make_config(dict(values), source)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None, dataclass_type: type = TrainConfig, description: str = "") -> object:
+    """Parse `argv` on top of `--config NAME`'s values. Raises ConfigError for user errors."""
+    import argparse
+
+    import simple_parsing
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--list-configs", "--list_configs", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    if known.list_configs:
+        print("\n".join(config_names()))
+        raise SystemExit(0)
+    defaults = make_config(resolve_config(known.config), f"config {known.config!r}") if known.config else TrainConfig()
+    if dataclass_type is not TrainConfig:
+        defaults = dataclass_type(**to_dict(defaults))
+
+    parser = simple_parsing.ArgumentParser(
+        description=description,
+        add_option_string_dash_variants=simple_parsing.DashVariant.DASH,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        exit_on_error=False,
+    )
+    parser.add_argument("--list-configs", action="store_true", help="print the names in configs.yml and exit")
+    parser.add_arguments(dataclass_type, dest="cfg", default=defaults)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as error:
+        raise ConfigError(str(error)) from None
+    if unknown:
+        options = [s for action in parser._actions for s in action.option_strings]
+        first = next((u for u in unknown if u.startswith("-")), unknown[0])
+        raise ConfigError(f"unknown option {first}{close_matches(first.split('=')[0], options)}")
+    cfg = args.cfg
+    hints = typing.get_type_hints(dataclass_type)
+    for f in dataclasses.fields(cfg):
+        if not _type_ok(getattr(cfg, f.name), hints[f.name]):
+            raise ConfigError(f"option {option(f.name)} must be {_describe(hints[f.name])}, got {getattr(cfg, f.name)!r}")
+    return cfg
