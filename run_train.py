@@ -14,6 +14,7 @@ import random
 import signal
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,7 +162,6 @@ def check_before_work(cfg: TrainConfig, ctx: parallel.Context) -> None:
 
 
 def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | None, state_path: Path | None) -> int:
-    seed_everything(cfg.seed + ctx.rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     device = ctx.device
@@ -171,15 +171,16 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     native = native_resolution(cfg)
     val_set = open_dataset(cfg, "validation", eval_transform(native, cfg.crop_pct), native)
     num_classes = cfg.num_classes or len(val_set.classes)
-    val_loader = make_loader(val_set, cfg.micro_batch_size, SeededSampler(len(val_set), cfg.seed, False, ctx.rank,
-                                                                            ctx.replicas), cfg.workers)
+    val_loader = make_loader(val_set, cfg.micro_batch_size, SeededSampler(len(val_set), cfg.seed, False,
+                                                                            ctx.replica_rank, ctx.replicas), cfg.workers)
     train_set = open_dataset(cfg, "train", None, training_resolution(cfg))
 
-    # ---- model
+    # ---- model: the same initial weights on every rank, then a different RNG stream per rank
+    torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **model_overrides(cfg, num_classes)).to(device, memory_format=memory_format)
     runner = parallel.wrap(model, cfg, ctx)
-    forward_model = torch.compile(runner.module_for_forward) if cfg.compile else runner.module_for_forward
     scaler = torch.amp.GradScaler(device.type, init_scale=128.0, enabled=cfg.precision == "fp16")
+    seed_everything(cfg.seed + ctx.rank)
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -205,12 +206,12 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
         if progress.phase == "train":
             if state is not None:
                 restore(state, model, phase, scaler)
-            run_phase(cfg, ctx, phase, model, forward_model, runner, scaler, train_set, val_loader, progress,
-                      run_dir, log, stopper)
+            run_phase(cfg, ctx, phase, model, runner, scaler, train_set, val_loader, progress, run_dir, log,
+                      stopper)
             final_train = phase.epoch_average or phase.ema
             if final_train is not None:
-                model.load_state_dict(final_train.module.state_dict())  # continue from the averaged weights
-                report_validation(cfg, ctx, log, progress, model, val_loader, "averaged")
+                model.load_state_dict(runner.full_state(final_train.module))  # continue from the averaged weights
+                report_validation(cfg, ctx, log, progress, model, runner, val_loader, "averaged")
 
         # ---- fine-tune the head at the test resolution (reduced-resolution training)
         if needs_fine_tune(cfg):
@@ -219,12 +220,12 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
                 progress = dataclasses.replace(progress, phase="fine_tune", epoch=0, micro_batch=0)
             elif state is not None:
                 restore(state, model, phase, scaler)
-            run_phase(cfg, ctx, phase, model, forward_model, runner, scaler, train_set, val_loader, progress,
-                      run_dir, log, stopper)
+            run_phase(cfg, ctx, phase, model, runner, scaler, train_set, val_loader, progress, run_dir, log,
+                      stopper)
     finally:
         stopper.restore()
 
-    final = report_validation(cfg, ctx, log, progress, model, val_loader, "final")
+    final = report_validation(cfg, ctx, log, progress, model, runner, val_loader, "final")
     if ctx.is_main:
         export_safetensors(model.state_dict(), run_dir / "model.safetensors",
                            {"config": json.dumps(to_dict(cfg)), "num_classes": str(num_classes)})
@@ -290,16 +291,38 @@ def make_fine_tune_phase(cfg: TrainConfig, model: nn.Module, num_classes: int, t
     )
 
 
-def run_phase(cfg, ctx, phase: Phase, model, forward_model, runner, scaler, train_set, val_loader,
-              progress: Progress, run_dir: Path, log, stopper) -> None:
+def fine_tune(cfg: TrainConfig, model: nn.Module, num_classes: int, resolution: int, ctx: parallel.Context,
+              work_dir: Path) -> None:
+    """The paper's fine-tune of the head at `resolution` with test-time preprocessing, in place.
+    run_validate.py calls this for its per-resolution protocol; checkpoints go to `work_dir`."""
+    cfg = dataclasses.replace(cfg, resolution=resolution, checkpoint_every_steps=0, stop_after_steps=None,
+                              validate_every=0)
+    train_set = open_dataset(cfg, "train", None, resolution)
+    phase = make_fine_tune_phase(cfg, model, num_classes, len(train_set), ctx)
+    scaler = torch.amp.GradScaler(ctx.device.type, init_scale=128.0, enabled=cfg.precision == "fp16")
+    runner = parallel.wrap(model, cfg, ctx)
+    stopper = SignalStopper()
+    try:
+        run_phase(cfg, ctx, phase, model, runner, scaler, train_set, None, Progress(phase="fine_tune"), work_dir,
+                  None, stopper)
+    finally:
+        stopper.restore()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.eval()
+
+
+def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_loader, progress: Progress,
+              run_dir: Path, log, stopper) -> None:
     """Epochs of one phase, from wherever `progress` says the run is."""
     set_phase_preprocessing(train_set, cfg, phase)
-    sampler = SeededSampler(len(train_set), cfg.seed + (1000 if phase.name == "fine_tune" else 0), True, ctx.rank,
-                            ctx.replicas)
+    sampler = SeededSampler(len(train_set), cfg.seed + (1000 if phase.name == "fine_tune" else 0), True,
+                            ctx.replica_rank, ctx.replicas)
     loader = make_loader(train_set, phase.micro_batch_size, sampler, cfg.workers, drop_last=True)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     device = ctx.device
     accumulation = cfg.gradient_accumulation
+    settings = step_settings(cfg, device, scaler)
 
     while progress.epoch < phase.epochs:
         epoch = progress.epoch
@@ -323,22 +346,23 @@ def run_phase(cfg, ctx, phase: Phase, model, forward_model, runner, scaler, trai
             if labels.numel():
                 images = images.to(device, non_blocking=True, memory_format=memory_format)
                 labels = labels.to(device, non_blocking=True)
-                inputs, targets = phase.mixer(images, labels) if phase.mixer.active else (images, labels)
-                with runner.sync_gradients(final_micro), autocast_context(device, cfg.precision):
-                    logits = forward_model(inputs)
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-                scaler.scale(loss / accumulation).backward()
-                window_losses.append(loss.detach())
-                hard = targets.argmax(1) if targets.ndim == 2 else targets
-                correct += int((logits.detach().argmax(1) == hard).sum())
-                seen += labels.numel()
-                loss_sum += float(loss.detach()) * labels.numel()
+                inputs, targets = mix(phase.mixer, images, labels, cfg.seed, ctx.replica_rank, progress)
+                done = runner.micro_step(inputs, targets, final_micro, settings)
+                for loss, logits, target in done:
+                    window_losses.append(loss)
+                    hard = target.argmax(1) if target.ndim == 2 else target
+                    correct += int((logits.argmax(1) == hard).sum())
+                    seen += hard.numel()
+                    loss_sum += float(loss) * hard.numel()
+            elif final_micro:
+                runner.micro_step(None, None, True, settings)
             if not final_micro:
                 continue
 
             # ---- optimizer step
-            if window_losses and not all(torch.isfinite(v) for v in window_losses):
-                handle_nonfinite(cfg, ctx, phase, progress, window_losses, run_dir)
+            bad = [float(v) for v in window_losses if not torch.isfinite(v)]
+            if ctx.any_rank(bool(bad)):
+                handle_nonfinite(cfg, ctx, phase, progress, bad, run_dir)
             else:
                 scaler.step(phase.optimizer)
                 scaler.update()
@@ -355,10 +379,10 @@ def run_phase(cfg, ctx, phase: Phase, model, forward_model, runner, scaler, trai
                                 lr=f"{phase.optimizer.param_groups[0]['lr']:.2e}")
             if cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0 and \
                     progress.micro_batch // accumulation < phase.steps_per_epoch:
-                write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, epoch_end=False)
+                write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, False, runner)
             stop_code = stopper.code or (143 if cfg.stop_after_steps and progress.step >= cfg.stop_after_steps else 0)
             if stop_code and progress.micro_batch // accumulation < phase.steps_per_epoch:
-                path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, epoch_end=False)
+                path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, False, runner)
                 raise StopRequested(stop_code, path)
         bar.close()
 
@@ -372,9 +396,11 @@ def run_phase(cfg, ctx, phase: Phase, model, forward_model, runner, scaler, trai
         record = dict(event="epoch", phase=phase.name, epoch=progress.epoch, step=progress.step,
                       resolution=phase.resolution, lr=phase.optimizer.param_groups[0]["lr"],
                       train_loss=totals[2] / max(totals[0], 1), train_top1=100.0 * totals[1] / max(totals[0], 1),
-                      images_per_s=totals[0] / elapsed, skipped_images=int(totals[3]), seconds=elapsed)
+                      images_per_s=totals[0] / elapsed, skipped_images=int(totals[3] // ctx.stages), seconds=elapsed)
         last = progress.epoch == phase.epochs
-        if (cfg.validate_every and progress.epoch % cfg.validate_every == 0) or (last and phase.name == "train"):
+        due = (cfg.validate_every and progress.epoch % cfg.validate_every == 0) or (last and phase.name == "train")
+        if due and val_loader is not None:
+            runner.sync_model()
             result = evaluate(model, val_loader, device, cfg.precision, cfg.channels_last)
             result = ctx.reduce_eval(result)
             record.update(val_top1=result["top1"], val_top5=result["top5"], val_loss=result["loss"], val_weights="raw")
@@ -387,15 +413,15 @@ def run_phase(cfg, ctx, phase: Phase, model, forward_model, runner, scaler, trai
             + (f", val top-1 {record['val_top1']:.2f} % top-5 {record['val_top5']:.2f} %" if "val_top1" in record else "")
             + (f", {record['skipped_images']} images skipped" if record["skipped_images"] else "")
         )
-        write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, epoch_end=True)
+        write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, True, runner)
         stop_code = stopper.code or (143 if cfg.stop_after_steps and progress.step >= cfg.stop_after_steps else 0)
         if stop_code and not (last and phase.name == "fine_tune"):
             raise StopRequested(stop_code, None)
 
 
-def handle_nonfinite(cfg, ctx, phase: Phase, progress: Progress, losses, run_dir: Path) -> None:
+def handle_nonfinite(cfg, ctx, phase: Phase, progress: Progress, bad_losses: list[float], run_dir: Path) -> None:
     """Skip the step while --skip-nonfinite-steps allows; otherwise stop with the step named."""
-    bad = next(float(v) for v in losses if not torch.isfinite(v))
+    bad = bad_losses[0] if bad_losses else float("nan")
     progress.nonfinite_skipped += 1
     where = f"{phase.name} epoch {progress.epoch + 1}, step {progress.step + 1}"
     if progress.nonfinite_skipped > cfg.skip_nonfinite_steps:
@@ -411,30 +437,50 @@ def handle_nonfinite(cfg, ctx, phase: Phase, progress: Progress, losses, run_dir
               f"({progress.nonfinite_skipped}/{cfg.skip_nonfinite_steps} allowed)")
 
 
+def step_settings(cfg: TrainConfig, device: torch.device, scaler) -> parallel.StepSettings:
+    """How one micro-batch is trained: mean cross-entropy (label smoothing) in fp32, under autocast."""
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+
+    return parallel.StepSettings(loss_fn, scaler, lambda: autocast_context(device, cfg.precision),
+                                 cfg.gradient_accumulation)
+
+
+def mix(mixer: BatchMixer, images, labels, seed: int, replica: int, progress: Progress):
+    """Mixup/CutMix under a seed of its own (run seed, replica, position in the run), so every
+    pipeline stage of a replica mixes the same way and the training RNG stream is untouched."""
+    if not mixer.active:
+        return images, labels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"{seed}/{replica}/{progress.phase}/{progress.epoch}/{progress.micro_batch}".encode()))
+        return mixer(images, labels)
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
 def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progress: Progress,
-                     epoch_end: bool) -> Path | None:
-    if not ctx.is_main:
-        ctx.barrier()
-        return None
+                     epoch_end: bool, runner) -> Path | None:
+    """Every rank joins in (pipeline stages merge their slices); rank 0 writes atomically."""
     state = dict(
-        model=model.state_dict(),
-        optimizer=phase.optimizer.state_dict(),
+        model=runner.full_state(model),
+        optimizer=runner.full_optimizer_state(phase.optimizer),
         scheduler=phase.scheduler.state_dict(),
         scaler=scaler.state_dict(),
-        ema=phase.ema.state_dict() if phase.ema is not None else None,
-        epoch_average=phase.epoch_average.state_dict() if phase.epoch_average is not None else None,
+        ema=runner.full_state(phase.ema) if phase.ema is not None else None,
+        epoch_average=runner.full_state(phase.epoch_average) if phase.epoch_average is not None else None,
         progress=dataclasses.asdict(progress),
         rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
         config=to_dict(cfg),
     )
-    name = checkpoint_name(progress.step, phase.name, progress.epoch) if epoch_end else checkpoint_name(progress.step)
-    path = run_dir / name
-    save_checkpoint(path, state)
-    prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
+    path = None
+    if ctx.is_main:
+        name = checkpoint_name(progress.step, phase.name, progress.epoch) if epoch_end else checkpoint_name(progress.step)
+        path = run_dir / name
+        save_checkpoint(path, state)
+        prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
     ctx.barrier()
     return path
 
@@ -487,7 +533,8 @@ def steps_per_epoch(cfg: TrainConfig, dataset_length: int, micro_batch: int, ctx
     return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
 
 
-def report_validation(cfg, ctx, log, progress: Progress, model, loader, label: str) -> dict:
+def report_validation(cfg, ctx, log, progress: Progress, model, runner, loader, label: str) -> dict:
+    runner.sync_model()
     result = ctx.reduce_eval(evaluate(model, loader, ctx.device, cfg.precision, cfg.channels_last))
     ctx.print(f"validation ({label} weights): top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} %, "
               f"loss {result['loss']:.4f}")

@@ -9,24 +9,24 @@ from __future__ import annotations
 from torch import nn
 
 from .context import Context, ParallelError, setup
-from .data_parallel import Runner
+from .data_parallel import Runner, StepSettings
+from .pipeline import PipelineRunner, split_indices
 
 
 def check_layout(cfg, model: nn.Module, ctx: Context) -> None:
     """Refuse layouts that cannot work, before any data is read."""
-    names = {name for name, _ in model.named_modules() if name}
-    for split in cfg.pipeline_splits:
-        if split not in names:
-            from training.config import close_matches
+    split_indices(model, cfg.pipeline_splits)
+    if cfg.pipeline_splits and cfg.precision == "fp16":
+        raise ParallelError("--pipeline-splits with --precision fp16 is not supported (loss scaling across "
+                            "stages); use --precision bf16 or fp32")
+    if cfg.pipeline_splits and cfg.compile:
+        raise ParallelError("--pipeline-splits with --compile is not supported; drop one of them")
 
-            raise ParallelError(f"--pipeline-splits: {split!r} is not a module path of the model"
-                                f"{close_matches(split, sorted(names))}")
+
+def wrap(model: nn.Module, cfg, ctx: Context) -> Runner | PipelineRunner:
     if cfg.pipeline_splits:
-        raise ParallelError("--pipeline-splits: pipeline stages are not available yet in this version")
+        return PipelineRunner(model, ctx, cfg.pipeline_splits, cfg.pipeline_schedule)
+    return Runner(model, ctx, cfg.compile)
 
 
-def wrap(model: nn.Module, cfg, ctx: Context) -> Runner:
-    return Runner(model, ctx)
-
-
-__all__ = ["Context", "ParallelError", "Runner", "check_layout", "setup", "wrap"]
+__all__ = ["Context", "ParallelError", "PipelineRunner", "Runner", "StepSettings", "check_layout", "setup", "wrap"]

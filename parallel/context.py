@@ -58,15 +58,24 @@ class Context:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (e.g. a non-finite loss seen by the last stage)."""
+        if not self.distributed:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self._collective_device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
     def reduce_eval(self, result: dict) -> dict:
+        """Combine the replicas' validation shards (each shard is evaluated by all its stages)."""
         if not self.distributed:
             return result
         n = result["images"]
         sums = self.all_reduce_sum([n, result["top1"] * n / 100 if n else 0.0, result["top5"] * n / 100 if n else 0.0,
                                     result["loss"] * n if n else 0.0, result["skipped"]])
         total = max(sums[0], 1)
-        return dict(top1=100 * sums[1] / total, top5=100 * sums[2] / total, loss=sums[3] / total, images=int(sums[0]),
-                    skipped=int(sums[4]))
+        return dict(top1=100 * sums[1] / total, top5=100 * sums[2] / total, loss=sums[3] / total,
+                    images=int(sums[0]) // self.stages, skipped=int(sums[4]) // self.stages)
 
     @property
     def _collective_device(self) -> torch.device:

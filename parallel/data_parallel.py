@@ -1,33 +1,62 @@
-"""Replicas: DistributedDataParallel, with the all-reduce skipped on non-final micro-batches of a
-gradient-accumulation window (`no_sync`)."""
+"""Replicas: DistributedDataParallel, gradients all-reduced once per accumulation window
+(`no_sync` on the other micro-batches). Also the single-process case (no wrapper at all)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .context import Context
 
 
-class Runner:
-    """What the training loop calls: the module to run forward, and the sync switch."""
+@dataclass
+class StepSettings:
+    """How a micro-batch is trained, handed from the training loop to the runner."""
 
-    def __init__(self, model: nn.Module, ctx: Context) -> None:
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], object]
+    accumulation: int
+
+
+class Runner:
+    """Runs micro-batches forward and backward; what the training loop calls."""
+
+    def __init__(self, model: nn.Module, ctx: Context, compile_model: bool = False) -> None:
         self.model = model
+        self.ctx = ctx
+        self.ddp: DistributedDataParallel | None = None
         if ctx.distributed and ctx.replicas > 1:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.ddp: DistributedDataParallel | None = DistributedDataParallel(model, device_ids=device_ids)
-        else:
-            self.ddp = None
+            self.ddp = DistributedDataParallel(model, device_ids=device_ids)
+        module = self.ddp if self.ddp is not None else model
+        self.forward_module = torch.compile(module) if compile_model else module
 
-    @property
-    def module_for_forward(self) -> nn.Module:
-        return self.ddp if self.ddp is not None else self.model
+    def micro_step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None, final: bool,
+                   settings: StepSettings) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Forward + backward of one micro-batch (loss / accumulation); the all-reduce only runs
+        on the final micro-batch of the window. Returns [(loss, logits, targets)], detached."""
+        if inputs is None:
+            return []
+        sync = nullcontext() if self.ddp is None or final else self.ddp.no_sync()
+        with sync:
+            with settings.autocast():
+                logits = self.forward_module(inputs)
+                loss = settings.loss_fn(logits, targets)
+            settings.scaler.scale(loss / settings.accumulation).backward()
+        return [(loss.detach(), logits.detach(), targets)]
 
-    def sync_gradients(self, final_micro_batch: bool):
-        """All-reduce gradients only on the last micro-batch of an accumulation window."""
-        if self.ddp is None or final_micro_batch:
-            return nullcontext()
-        return self.ddp.no_sync()
+    # the whole model lives in every process: nothing to merge
+    def full_state(self, module: nn.Module) -> dict:
+        return module.state_dict()
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def sync_model(self) -> None:
+        pass

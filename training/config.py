@@ -337,11 +337,9 @@ def from_dict(values: dict[str, object], source: str) -> TrainConfig:
 # ---------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: list[str] | None, dataclass_type: type = TrainConfig, description: str = "") -> object:
+def parse_args(argv: list[str] | None, description: str = "") -> TrainConfig:
     """Parse `argv` on top of `--config NAME`'s values. Raises ConfigError for user errors."""
     import argparse
-
-    import simple_parsing
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
@@ -352,8 +350,17 @@ def parse_args(argv: list[str] | None, dataclass_type: type = TrainConfig, descr
         print("\n".join(config_names()))
         raise SystemExit(0)
     defaults = make_config(resolve_config(known.config), f"config {known.config!r}") if known.config else TrainConfig()
-    if dataclass_type is not TrainConfig:
-        defaults = dataclass_type(**to_dict(defaults))
+    extra = [(("--list-configs",), dict(action="store_true", help="print the names in configs.yml and exit"))]
+    return parse_dataclass(argv, TrainConfig, defaults, description, extra)
+
+
+def parse_dataclass(argv: list[str], dataclass_type: type, defaults: object, description: str = "",
+                    extra_arguments: list | None = None) -> object:
+    """simple-parsing over a dataclass, with user errors raised as ConfigError (close matches
+    for unknown options, type errors naming the option)."""
+    import argparse
+
+    import simple_parsing
 
     parser = simple_parsing.ArgumentParser(
         description=description,
@@ -361,7 +368,8 @@ def parse_args(argv: list[str] | None, dataclass_type: type = TrainConfig, descr
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         exit_on_error=False,
     )
-    parser.add_argument("--list-configs", action="store_true", help="print the names in configs.yml and exit")
+    for names, kwargs in extra_arguments or []:
+        parser.add_argument(*names, **kwargs)
     parser.add_arguments(dataclass_type, dest="cfg", default=defaults)
     try:
         args, unknown = parser.parse_known_args(argv)

@@ -1,0 +1,172 @@
+"""Pipeline stages on torch.distributed.pipelining, combined with replicas.
+
+Ranks form a 2-D mesh: rank = replica × stages + stage. The ranks of one replica form a pipeline
+(point-to-point activations and gradients between neighbouring stages); the ranks holding the
+same stage in different replicas all-reduce that stage's gradients.
+
+Every rank builds the whole model (so checkpoints keep the single-process format), runs only its
+stage's units, and owns only their parameters: the optimizer skips the others (no gradient).
+Checkpoints and validation merge the owned slices from every stage, so a pipelined run's
+checkpoint loads into a single-process run and back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from .context import Context, ParallelError
+from .data_parallel import StepSettings
+
+
+class ClassifierUnit(nn.Module):
+    """pool → flatten → dropout → linear: the model's tail as one pipeline unit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.pool = model.pool
+        self.classifier = model.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def pipeline_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model as a sequence of units a pipeline may be split between."""
+    units: list[tuple[str, nn.Module]] = [("stem", model.stem)]
+    for i, stage in enumerate(model.blocks):
+        units += [(f"blocks.{i}.{j}", block) for j, block in enumerate(stage)]
+    return units + [("head", model.head), ("classifier", ClassifierUnit(model))]
+
+
+def split_indices(model: nn.Module, splits: list[str]) -> list[int]:
+    """Unit index where each stage after the first begins. `blocks.3` means `blocks.3.0`."""
+    names = [name for name, _ in pipeline_units(model)]
+    indices = []
+    for split in splits:
+        name = f"{split}.0" if split.count(".") == 1 and split.startswith("blocks.") else split
+        if name not in names:
+            raise ParallelError(
+                f"--pipeline-splits: {split!r} is not a block boundary; a stage can begin at "
+                f"blocks.I, blocks.I.J, head or classifier (e.g. blocks.3.0)"
+            )
+        if names.index(name) == 0:
+            raise ParallelError(f"--pipeline-splits: {split!r} would leave the first stage empty")
+        indices.append(names.index(name))
+    if indices != sorted(set(indices)):
+        raise ParallelError(f"--pipeline-splits must be distinct and in model order, got {' '.join(splits)}")
+    return indices
+
+
+class StageModule(nn.Module):
+    def __init__(self, units: list[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        self.unit_names = [name for name, _ in units]
+        self.units = nn.ModuleList(module for _, module in units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for unit in self.units:
+            x = unit(x)
+        return x
+
+
+class PipelineRunner:
+    """The Runner interface (micro_step, full_state, ...) for a pipelined, replicated model."""
+
+    def __init__(self, model: nn.Module, ctx: Context, splits: list[str], schedule: str) -> None:
+        self.model = model
+        self.ctx = ctx
+        units = pipeline_units(model)
+        bounds = [0, *split_indices(model, splits), len(units)]
+        self.stage_module = StageModule(units[bounds[ctx.stage]: bounds[ctx.stage + 1]])
+        owned = {id(t) for t in list(self.stage_module.parameters()) + list(self.stage_module.buffers())}
+        self.owned_keys = {name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+                           if id(t) in owned}
+        # every rank creates every group, in the same order
+        self.pipe_group = self.stage_group = None
+        for replica in range(ctx.replicas):
+            group = dist.new_group([replica * ctx.stages + s for s in range(ctx.stages)])
+            if replica == ctx.replica_rank:
+                self.pipe_group = group
+        for stage in range(ctx.stages):
+            group = dist.new_group([r * ctx.stages + stage for r in range(ctx.replicas)])
+            if stage == ctx.stage:
+                self.stage_group = group
+        self.stage = PipelineStage(self.stage_module, ctx.stage, ctx.stages, ctx.device, group=self.pipe_group)
+        self.schedule_class = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        self.schedules: dict[int, object] = {}
+        self.window: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.forward_module = model
+
+    @property
+    def is_last(self) -> bool:
+        return self.ctx.stage == self.ctx.stages - 1
+
+    def micro_step(self, inputs, targets, final: bool, settings: StepSettings):
+        """Buffer micro-batches; on the last of the window run the pipeline schedule over all of them."""
+        if inputs is not None:
+            self.window.append((inputs, targets))
+        if not final:
+            return []
+        window, self.window = self.window, []
+        count = len(window)
+        if count == 0:
+            return []
+        if count not in self.schedules:
+            self.schedules[count] = self.schedule_class(self.stage, n_microbatches=count, loss_fn=settings.loss_fn,
+                                                        scale_grads=True)
+        schedule = self.schedules[count]
+        losses: list[torch.Tensor] = []
+        with settings.autocast():
+            if self.ctx.stage == 0:
+                schedule.step(arg_mbs=[(x,) for x, _ in window])
+                outputs = None
+            elif self.is_last:
+                outputs = schedule.step(target_mbs=[t for _, t in window], losses=losses)
+            else:
+                schedule.step()
+                outputs = None
+        self._all_reduce_stage_gradients()
+        if not self.is_last:
+            return []
+        # the schedule scales gradients by 1/count itself; report the plain per-micro-batch losses
+        logits = outputs.detach().split([x.shape[0] for x, _ in window])
+        return [(loss.detach(), out, t) for loss, out, (_, t) in zip(losses, logits, window)]
+
+    def _all_reduce_stage_gradients(self) -> None:
+        if self.ctx.replicas == 1:
+            return
+        grads = [p.grad for p in self.stage_module.parameters() if p.grad is not None]
+        for grad in grads:
+            dist.all_reduce(grad, group=self.stage_group)
+            grad.div_(self.ctx.replicas)
+
+    # ---------------------------------------------------------------- merging the stages' slices
+
+    def _merge(self, owned: dict) -> dict:
+        """Union of every stage's owned entries (gathered within this replica's pipeline)."""
+        parts: list[dict | None] = [None] * self.ctx.stages
+        dist.all_gather_object(parts, {k: v.cpu() if torch.is_tensor(v) else v for k, v in owned.items()},
+                               group=self.pipe_group)
+        merged: dict = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def full_state(self, module: nn.Module) -> dict:
+        """State dict of the model (or of an AveragedModel of it) with every stage's part current."""
+        state = module.state_dict()
+        owned = {k: v for k, v in state.items() if k.removeprefix("module.") in self.owned_keys}
+        merged = self._merge(owned)
+        return {k: merged.get(k, v) for k, v in state.items()}
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        state = optimizer.state_dict()
+        merged = self._merge({("state", k): v for k, v in state["state"].items()})
+        return {"state": {k[1]: v for k, v in merged.items()}, "param_groups": state["param_groups"]}
+
+    def sync_model(self) -> None:
+        """Bring every stage's current weights into this rank's full model (before validation or export)."""
+        self.model.load_state_dict(self.full_state(self.model))

@@ -1,0 +1,339 @@
+"""Validate checkpoints over a sweep of test resolutions and find the best and the Pareto-optimal ones.
+
+    python run_validate.py --checkpoint runs/demo-.../checkpoint-...pt --resolution-range 16:64:8 --plot sweep.png
+    python run_validate.py --checkpoint runs/demo-...            # every checkpoint of a run folder
+
+For each resolution: top-1, top-5, loss, inference images/s (eval mode, no autograd, warm-up
+excluded, median over batches, the same batch size everywhere), GMACs per image and peak memory.
+`--fine-tune-epochs N` applies the paper's protocol: fine-tune the head at each test resolution first.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import parallel
+from datasets import DataError, SeededSampler, eval_transform, make_loader, open_split
+from models import create_model
+from models.flops import count_macs
+from training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from training.config import (
+    MIN_RESOLUTION,
+    ConfigError,
+    TrainConfig,
+    check_config,
+    from_dict,
+    model_overrides,
+    native_resolution,
+    parse_dataclass,
+)
+from training.evaluate import autocast_context, evaluate
+from training.measure import inference_throughput, peak_memory_bytes
+
+WEIGHTS = {"raw": "model", "ema": "ema", "averaged": "epoch_average"}
+
+
+@dataclass
+class ValidateConfig:
+    checkpoint: str = ""  # a checkpoint (.pt), exported weights (.safetensors), or a run folder
+    resolutions: str | None = None  # comma-separated test resolutions, e.g. 160,192,224
+    resolution_range: str | None = None  # START:STOP:STEP, STOP included, e.g. 128:320:32
+    crop_pct: float | None = None  # None: the checkpoint's
+    weights: str = "raw"  # raw | ema | averaged
+    batch_size: int = 64  # for accuracy and for the images/s measurement
+    warmup_batches: int = 3  # untimed batches before the images/s measurement
+    timed_batches: int = 10  # timed batches; the median is reported
+    fine_tune_epochs: int = 0  # the paper's protocol: fine-tune the head at each resolution first
+    data: str | None = None  # override the checkpoint's data settings
+    data_path: str | None = None
+    workers: int | None = None
+    precision: str | None = None  # fp32 | bf16 | fp16
+    channels_last: bool | None = None
+    device: str = "auto"
+    output_prefix: str | None = None  # CSV/JSON path prefix; None: <run folder>/sweep-<time>
+    plot: str | None = None  # PNG file: accuracy vs images/s and vs GMACs
+    progress: bool = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_dataclass(list(sys.argv[1:] if argv is None else argv), ValidateConfig, ValidateConfig(),
+                               __doc__)
+        resolutions = parse_resolutions(args)
+        check_args(args)
+        sources = find_sources(Path(args.checkpoint))
+        rows = []
+        for source in sources:
+            rows += sweep(source, args, resolutions)
+    except (ConfigError, CheckpointError, DataError, parallel.ParallelError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    mark_best_and_pareto(rows)
+    print(format_table(rows))
+    prefix = Path(args.output_prefix) if args.output_prefix else default_prefix(sources[0])
+    write_outputs(rows, prefix)
+    print(f"wrote {prefix}.csv and {prefix}.json", file=sys.stderr)
+    if args.plot:
+        plot(rows, Path(args.plot))
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------- input
+
+
+def parse_resolutions(args: ValidateConfig) -> list[int] | None:
+    """The sweep's resolutions; None means the checkpoint's own test resolution."""
+    if args.resolutions is not None and args.resolution_range is not None:
+        raise ConfigError("give --resolutions or --resolution-range, not both")
+    values: list[int] = []
+    if args.resolutions is not None:
+        try:
+            values = [int(v) for v in args.resolutions.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--resolutions must be comma-separated integers, got {args.resolutions!r}") from None
+        if not values:
+            raise ConfigError("--resolutions is empty; give at least one, e.g. --resolutions 160,192,224")
+    elif args.resolution_range is not None:
+        try:
+            start, stop, step = (int(v) for v in args.resolution_range.split(":"))
+        except ValueError:
+            raise ConfigError(f"--resolution-range must be START:STOP:STEP, got {args.resolution_range!r}") from None
+        if step <= 0 or stop < start:
+            raise ConfigError(f"--resolution-range {args.resolution_range} is empty (need STEP > 0 and STOP >= START)")
+        values = list(range(start, stop + 1, step))
+    else:
+        return None
+    low = [v for v in values if v < MIN_RESOLUTION]
+    if low:
+        raise ConfigError(f"resolution {low[0]} is below the model's minimum of {MIN_RESOLUTION} pixels")
+    return sorted(set(values))
+
+
+def check_args(args: ValidateConfig) -> None:
+    if not args.checkpoint:
+        raise ConfigError("--checkpoint PATH is required (a checkpoint file, .safetensors weights or a run folder)")
+    if args.weights not in WEIGHTS:
+        raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {args.weights!r}")
+    for name in ("batch_size", "timed_batches"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup_batches < 0 or args.fine_tune_epochs < 0:
+        raise ConfigError("--warmup-batches and --fine-tune-epochs must not be negative")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise ConfigError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise ConfigError(f"--plot must name a .png file, got {args.plot!r}")
+
+
+def find_sources(path: Path) -> list[Path]:
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"no checkpoints in run folder {path}")
+        return found
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return [path]
+
+
+def load_source(path: Path, weights: str) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
+    """Config and state dict from a checkpoint (.pt) or exported weights (.safetensors)."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"weights file {path} is truncated or corrupt: {error}") from None
+        if "config" not in metadata:
+            raise CheckpointError(f"{path} carries no config in its metadata; export it with run_train.py")
+        if weights != "raw":
+            raise ConfigError(f"--weights {weights}: {path} holds only the final weights; use --weights raw")
+        return from_dict(json.loads(metadata["config"]), f"config in {path}"), state
+    state = load_checkpoint(path)
+    cfg = from_dict(state["config"], f"config saved in {path}")
+    chosen = state.get(WEIGHTS[weights])
+    if chosen is None:
+        have = [name for name, key in WEIGHTS.items() if state.get(key) is not None]
+        raise ConfigError(f"--weights {weights}: {path} has no such weights (it has: {', '.join(have)})")
+    if weights != "raw":  # AveragedModel state: module.* plus its n_averaged counter
+        chosen = {k.removeprefix("module."): v for k, v in chosen.items() if k != "n_averaged"}
+    return cfg, chosen
+
+
+# ---------------------------------------------------------------------------- the sweep
+
+
+def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None) -> list[dict]:
+    cfg, state = load_source(source, args.weights)
+    overrides = {name: getattr(args, name) for name in ("data", "data_path", "workers", "precision", "channels_last",
+                                                        "crop_pct") if getattr(args, name) is not None}
+    cfg = dataclasses.replace(cfg, **overrides, device=args.device, replicas=1, pipeline_splits=[],
+                              progress=args.progress)
+    check_config(cfg)
+    ctx = parallel.setup(cfg)
+    device = ctx.device
+    num_classes = state["classifier.1.weight"].shape[0]
+    model = create_model(cfg.model, **model_overrides(cfg, num_classes))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{source}: weights do not fit the model in its config: "
+                              f"{str(error).splitlines()[0]}") from None
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).eval()
+    val_set = open_split(cfg.data, "validation", None, cfg.data_path, cfg.strict_images, native_resolution(cfg),
+                         num_classes, max(cfg.generated_size // 4, 1))
+    rows = []
+    for resolution in resolutions or [native_resolution(cfg)]:
+        started = time.perf_counter()
+        if hasattr(val_set, "transform"):
+            val_set.transform = eval_transform(resolution, cfg.crop_pct)
+        else:
+            val_set.resolution = resolution
+        loader = make_loader(val_set, args.batch_size, SeededSampler(len(val_set), cfg.seed, shuffle=False),
+                             cfg.workers)
+        tested = model
+        if args.fine_tune_epochs:
+            import run_train
+
+            tested = copy.deepcopy(model)
+            with tempfile.TemporaryDirectory(prefix="fine-tune-") as work_dir:
+                run_train.fine_tune(dataclasses.replace(cfg, fine_tune_epochs=args.fine_tune_epochs), tested,
+                                    num_classes, resolution, ctx, Path(work_dir))
+        result = evaluate(tested, loader, device, cfg.precision, cfg.channels_last, args.progress,
+                          f"{source.name} @ {resolution}px")
+        speed = inference_throughput(tested, args.batch_size, resolution, device, args.warmup_batches,
+                                     args.timed_batches, cfg.channels_last,
+                                     lambda: autocast_context(device, cfg.precision))
+        memory = peak_memory_bytes(partial(_forward, tested, args.batch_size, resolution, device, memory_format),
+                                   device)
+        rows.append(dict(
+            checkpoint=str(source), weights=args.weights, resolution=resolution, crop_pct=cfg.crop_pct,
+            fine_tune_epochs=args.fine_tune_epochs, top1=result["top1"], top5=result["top5"], loss=result["loss"],
+            images=result["images"], skipped=result["skipped"], images_per_s=speed["images_per_s"],
+            batch_size=args.batch_size, gmacs=count_macs(tested, resolution) / 1e9,
+            peak_memory_mb_per_image=memory / 1e6 / args.batch_size, device=str(device),
+            seconds=time.perf_counter() - started,
+        ))
+    ctx.close()
+    return rows
+
+
+def _forward(model: nn.Module, batch: int, resolution: int, device, memory_format) -> None:
+    with torch.inference_mode():
+        model(torch.zeros(batch, 3, resolution, resolution, device=device).contiguous(memory_format=memory_format))
+
+
+def pareto_optimal(group: list[dict], cost: str) -> list[dict]:
+    """Rows that no other row beats on both accuracy and `cost` (images_per_s: higher is better;
+    gmacs: lower is better)."""
+    sign = 1 if cost == "images_per_s" else -1
+
+    def dominates(a: dict, b: dict) -> bool:
+        better_or_equal = a["top1"] >= b["top1"] and sign * a[cost] >= sign * b[cost]
+        return better_or_equal and (a["top1"] > b["top1"] or sign * a[cost] > sign * b[cost])
+
+    return [row for row in group if not any(dominates(other, row) for other in group)]
+
+
+def mark_best_and_pareto(rows: list[dict]) -> None:
+    """Per checkpoint: the best-accuracy resolution, and the Pareto-optimal ones (no other
+    resolution is both faster and more accurate)."""
+    for checkpoint in {row["checkpoint"] for row in rows}:
+        group = [row for row in rows if row["checkpoint"] == checkpoint]
+        best = max(group, key=lambda row: row["top1"])
+        front = {id(row) for row in pareto_optimal(group, "images_per_s")}
+        for row in group:
+            row["best"] = row is best
+            row["pareto"] = id(row) in front
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'checkpoint':<40} {'res':>5} {'top-1 %':>8} {'top-5 %':>8} {'loss':>7} {'img/s':>9} " \
+             f"{'GMACs':>8} {'MB/img':>8}  marks"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        marks = " ".join(m for m, on in (("best", row["best"]), ("pareto", row["pareto"])) if on)
+        lines.append(
+            f"{Path(row['checkpoint']).name[-40:]:<40} {row['resolution']:>5} {row['top1']:>8.2f} {row['top5']:>8.2f} "
+            f"{row['loss']:>7.4f} {row['images_per_s']:>9.1f} {row['gmacs']:>8.4f} "
+            f"{row['peak_memory_mb_per_image']:>8.2f}  {marks}"
+        )
+    return "\n".join(lines)
+
+
+def default_prefix(source: Path) -> Path:
+    folder = source if source.is_dir() else source.parent
+    return folder / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_outputs(rows: list[dict], prefix: Path) -> None:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{prefix}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    Path(f"{prefix}.json").write_text(json.dumps(rows, indent=2))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    checkpoints = list(dict.fromkeys(row["checkpoint"] for row in rows))
+    for index, checkpoint in enumerate(checkpoints):
+        group = sorted((row for row in rows if row["checkpoint"] == checkpoint), key=lambda row: row["resolution"])
+        colour = plt.cm.viridis(index / max(len(checkpoints) - 1, 1)) if len(checkpoints) > 1 else "tab:blue"
+        label = Path(checkpoint).name
+        for axis, key in zip(axes, ("images_per_s", "gmacs")):
+            xs = [row[key] for row in group]
+            axis.plot(xs, [row["top1"] for row in group], "o-", color=colour, label=label, alpha=0.8)
+            for row in group:
+                axis.annotate(f"{row['resolution']}px", (row[key], row["top1"]), textcoords="offset points",
+                              xytext=(4, 4), fontsize=8)
+            front = sorted(pareto_optimal(group, key), key=lambda row: row[key])
+            axis.plot([row[key] for row in front], [row["top1"] for row in front], "--", color=colour, linewidth=2.5,
+                      alpha=0.5, label=f"Pareto front ({label})" if len(checkpoints) <= 3 else None)
+            best = max(group, key=lambda row: row["top1"])
+            axis.plot([best[key]], [best["top1"]], "*", color="red", markersize=15, zorder=5)
+    device = rows[0]["device"]
+    axes[0].set_xlabel(f"inference images/s (batch {rows[0]['batch_size']}, {device})")
+    axes[1].set_xlabel("GMACs per image")
+    axes[0].set_title("Top-1 accuracy vs throughput")
+    axes[1].set_title("Top-1 accuracy vs compute")
+    for axis in axes:
+        axis.set_ylabel("top-1 accuracy (%)")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8, loc="best")
+    fig.suptitle("Test-resolution sweep (red star: best accuracy)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

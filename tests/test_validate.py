@@ -1,0 +1,129 @@
+"""run_validate.py: the sweep agrees with single evaluations, speed is measured properly,
+outputs are written, bad input is refused clearly."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_train
+import run_validate
+from conftest import run_cli, tiny_train_args
+from training.checkpoint import list_checkpoints
+from training.measure import inference_throughput
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("validate")
+    args = tiny_train_args(root / "runs", "--run-name", "r", "--fine-tune-epochs", "0", "--epoch-average-decay", "0",
+                           "--ema-decay", "0.5")
+    assert run_train.main(args) == 0
+    return root / "runs" / "r"
+
+
+def _rows(prefix: Path) -> list[dict]:
+    return json.loads(Path(f"{prefix}.json").read_text())
+
+
+def test_sweep_matches_single_resolution_evaluations(trained_run: Path, tmp_path: Path) -> None:
+    checkpoint = str(list_checkpoints(trained_run)[-1])
+    common = ["--checkpoint", checkpoint, "--progress", "false", "--timed-batches", "2", "--warmup-batches", "1"]
+    assert run_validate.main([*common, "--resolutions", "24,32,40,48,56", "--output-prefix", str(tmp_path / "sweep"),
+                              "--plot", str(tmp_path / "sweep.png")]) == 0
+    sweep = {row["resolution"]: row for row in _rows(tmp_path / "sweep")}
+    assert sorted(sweep) == [24, 32, 40, 48, 56]
+    for resolution in (24, 40):
+        assert run_validate.main([*common, "--resolutions", str(resolution), "--output-prefix",
+                                  str(tmp_path / f"single{resolution}")]) == 0
+        single = _rows(tmp_path / f"single{resolution}")[0]
+        for key in ("top1", "top5", "loss", "images"):
+            assert single[key] == sweep[resolution][key], key
+    # outputs: marks, CSV, plot
+    assert sum(row["best"] for row in sweep.values()) == 1
+    assert max(sweep.values(), key=lambda r: r["top1"])["best"]
+    with open(tmp_path / "sweep.csv") as handle:
+        header = next(csv.reader(handle))
+    for column in ("resolution", "top1", "top5", "loss", "images_per_s", "gmacs", "peak_memory_mb_per_image",
+                   "best", "pareto"):
+        assert column in header
+    assert (tmp_path / "sweep.png").stat().st_size > 20_000
+    assert sweep[56]["gmacs"] > sweep[24]["gmacs"] * 4  # MACs grow with the pixel count
+
+
+def test_run_folder_and_weights_choice(trained_run: Path, tmp_path: Path) -> None:
+    prefix = tmp_path / "all"
+    assert run_validate.main(["--checkpoint", str(trained_run), "--progress", "false", "--timed-batches", "1",
+                              "--weights", "ema", "--output-prefix", str(prefix)]) == 0
+    rows = _rows(prefix)
+    assert [Path(r["checkpoint"]).name for r in rows] == [p.name for p in list_checkpoints(trained_run)]
+    assert {r["weights"] for r in rows} == {"ema"}
+    # the training run ended on its EMA weights: its own final validation (its own loader) agrees
+    final = json.loads((trained_run / "final.json").read_text())
+    assert rows[-1]["top1"] == pytest.approx(final["top1"]) and rows[-1]["loss"] == pytest.approx(final["loss"])
+    assert run_validate.main(["--checkpoint", str(trained_run / "model.safetensors"), "--progress", "false",
+                              "--timed-batches", "1", "--output-prefix", str(tmp_path / "st")]) == 0
+    assert _rows(tmp_path / "st")[0]["top1"] == pytest.approx(json.loads((trained_run / "final.json").read_text())["top1"])
+
+
+def test_fine_tune_protocol_runs_per_resolution(trained_run: Path, tmp_path: Path) -> None:
+    checkpoint = str(list_checkpoints(trained_run)[-1])
+    args = ["--checkpoint", checkpoint, "--progress", "false", "--timed-batches", "1", "--resolutions", "40"]
+    assert run_validate.main([*args, "--output-prefix", str(tmp_path / "plain")]) == 0
+    assert run_validate.main([*args, "--fine-tune-epochs", "1", "--output-prefix", str(tmp_path / "ft")]) == 0
+    plain, tuned = _rows(tmp_path / "plain")[0], _rows(tmp_path / "ft")[0]
+    assert tuned["fine_tune_epochs"] == 1
+    assert tuned["loss"] != plain["loss"]  # the head was trained at 40 px before testing
+
+
+def test_pareto_marks() -> None:
+    rows = [dict(checkpoint="c", resolution=r, top1=a, images_per_s=s, gmacs=g)
+            for r, a, s, g in [(16, 50, 400, 1), (24, 70, 300, 2), (32, 65, 250, 3), (40, 80, 100, 4)]]
+    run_validate.mark_best_and_pareto(rows)
+    assert [r["pareto"] for r in rows] == [True, True, False, True]
+    assert [r["best"] for r in rows] == [False, False, False, True]
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[bool, bool]] = []
+
+    def forward(self, x):
+        self.calls.append((self.training, torch.is_grad_enabled()))
+        return x.mean()
+
+
+def test_throughput_is_eval_mode_no_grad_and_excludes_warmup() -> None:
+    model = _Recorder().train()
+    result = inference_throughput(model, 4, 16, torch.device("cpu"), warmup=3, timed=5)
+    assert len(model.calls) == 8 and result["timed_batches"] == 5
+    assert all(call == (False, False) for call in model.calls)
+    assert model.training  # restored afterwards
+    assert result["images_per_s"] == pytest.approx(4 / result["median_batch_s"])
+
+
+def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 definitely not a checkpoint" * 10)
+    truncated = tmp_path / "truncated.pt"
+    good = list_checkpoints(trained_run)[-1]
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for args, needle in [
+        (["--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
+        (["--checkpoint", str(corrupt)], "truncated or corrupt"),
+        (["--checkpoint", str(truncated)], "truncated or corrupt"),
+        (["--checkpoint", str(good), "--resolutions", ""], "--resolutions is empty"),
+        (["--checkpoint", str(good), "--resolution-range", "64:32:8"], "is empty"),
+        (["--checkpoint", str(good), "--resolutions", "8,32"], "below the model's minimum"),
+        (["--checkpoint", str(good), "--weights", "averaged"], "has no such weights"),
+        ([], "--checkpoint PATH is required"),
+    ]:
+        result = run_cli("run_validate.py", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert needle in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr

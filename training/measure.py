@@ -1,0 +1,121 @@
+"""Speed and memory measurements shared by validation and the benchmark.
+
+Throughput: warm-up batches are run and discarded, then each timed batch is synchronised and
+timed on its own; the median is reported (robust to a noisy shared machine).
+Peak memory: on CUDA the allocator's high-water mark; on CPU, where PyTorch keeps no such
+statistic, a dispatch mode counts the bytes of tensors alive at once during the call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_step_seconds(step: Callable[[], object], device: torch.device, warmup: int, timed: int) -> list[float]:
+    """Run `step` warmup times untimed, then `timed` times, each timed alone; the timings."""
+    if timed < 1:
+        raise ValueError("need at least one timed step")
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(timed):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def inference_throughput(model: nn.Module, batch_size: int, resolution: int, device: torch.device,
+                         warmup: int = 3, timed: int = 10, channels_last: bool = False,
+                         autocast=None) -> dict[str, float]:
+    """Images/s of model(x) on a fixed random batch: eval mode, no autograd, median over batches."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch_size, 3, resolution, resolution, device=device).contiguous(memory_format=memory_format)
+    was_training = model.training
+    model.eval()
+
+    def step() -> None:
+        with torch.inference_mode(), (autocast() if autocast else _null()):
+            model(x)
+
+    try:
+        times = median_step_seconds(step, device, warmup, timed)
+    finally:
+        model.train(was_training)
+    median = statistics.median(times)
+    return dict(images_per_s=batch_size / median, median_batch_s=median, timed_batches=len(times))
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts bytes of tensor storages created inside the mode and still alive; keeps the peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._refs: dict[int, list] = {}  # storage pointer -> [live tensor count, bytes]
+
+    def _release(self, key: int) -> None:
+        entry = self._refs.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self._refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0:
+                continue
+            entry = self._refs.get(key)
+            if entry is None:
+                entry = self._refs[key] = [0, storage.nbytes()]
+                self.current += entry[1]
+                self.peak = max(self.peak, self.current)
+            entry[0] += 1
+            weakref.finalize(tensor, self._release, key)
+        return out
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes of tensors allocated while `fn` runs (inputs and weights made before it excluded)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with LiveTensorBytes() as tracker:
+        result = fn()
+        del result
+    return tracker.peak
