@@ -40,6 +40,7 @@ from training.checkpoint import (
     CheckpointError,
     checkpoint_name,
     export_safetensors,
+    load_checkpoint,
     prune_step_checkpoints,
     save_checkpoint,
 )
@@ -112,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv, description=__doc__)
         check_config(cfg)
+        check_before_work(cfg)
         ctx = parallel.setup(cfg)
-        run_dir, state, state_path = locate_run(cfg, report=ctx.print)
+        run_dir, state, state_path = find_run(cfg, ctx)
         if state is not None:
             cfg = config_for_resume(cfg, state, state_path, ctx.print)
-        check_before_work(cfg, ctx)
+            check_before_work(cfg)
         if ctx.is_main:
             lock = RunLock(run_dir)
             lock.acquire()
@@ -138,6 +140,20 @@ def main(argv: list[str] | None = None) -> int:
             ctx.close()
 
 
+def find_run(cfg: TrainConfig, ctx: parallel.Context) -> tuple[Path, dict | None, Path | None]:
+    """Rank 0 picks the run folder and checkpoint; the others follow its choice (shared filesystem)."""
+    if ctx.is_main:
+        run_dir, state, state_path = locate_run(cfg, report=ctx.print)
+        choice = [str(run_dir), str(state_path) if state_path else None]
+    else:
+        choice = [None, None]
+    choice = ctx.broadcast_from_main(choice)
+    if ctx.is_main:
+        return run_dir, state, state_path
+    state_path = Path(choice[1]) if choice[1] else None
+    return Path(choice[0]), load_checkpoint(state_path) if state_path else None, state_path
+
+
 def config_for_resume(cfg: TrainConfig, state: dict, path: Path, report) -> TrainConfig:
     """The checkpoint's config, with run-control options from the command line."""
     saved = from_dict(state["config"], f"config saved in {path}")
@@ -152,13 +168,13 @@ def config_for_resume(cfg: TrainConfig, state: dict, path: Path, report) -> Trai
     return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RUN_CONTROL})
 
 
-def check_before_work(cfg: TrainConfig, ctx: parallel.Context) -> None:
+def check_before_work(cfg: TrainConfig) -> None:
     """Everything that can be checked without reading data: the model's layers and the layout."""
     with torch.device("meta"):
         model = create_model(cfg.model, **model_overrides(cfg, cfg.num_classes or 1000))
     if cfg.fine_tune_epochs > 0:
         check_layer_name(model, cfg.fine_tune_first_trainable_layer)
-    parallel.check_layout(cfg, model, ctx)
+    parallel.check_layout(cfg, model)
 
 
 def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | None, state_path: Path | None) -> int:
@@ -380,7 +396,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             if cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0 and \
                     progress.micro_batch // accumulation < phase.steps_per_epoch:
                 write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, False, runner)
-            stop_code = stopper.code or (143 if cfg.stop_after_steps and progress.step >= cfg.stop_after_steps else 0)
+            stop_code = stop_requested(cfg, ctx, stopper, progress)
             if stop_code and progress.micro_batch // accumulation < phase.steps_per_epoch:
                 path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, False, runner)
                 raise StopRequested(stop_code, path)
@@ -414,9 +430,17 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             + (f", {record['skipped_images']} images skipped" if record["skipped_images"] else "")
         )
         write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, True, runner)
-        stop_code = stopper.code or (143 if cfg.stop_after_steps and progress.step >= cfg.stop_after_steps else 0)
+        stop_code = stop_requested(cfg, ctx, stopper, progress)
         if stop_code and not (last and phase.name == "fine_tune"):
             raise StopRequested(stop_code, None)
+
+
+def stop_requested(cfg: TrainConfig, ctx, stopper, progress: Progress) -> int:
+    """Exit code to stop with (0: go on). Decided together by all ranks, so they stop at the same step."""
+    code = stopper.code or (143 if cfg.stop_after_steps and progress.step >= cfg.stop_after_steps else 0)
+    if ctx.any_rank(code != 0):
+        return code or 143
+    return 0
 
 
 def handle_nonfinite(cfg, ctx, phase: Phase, progress: Progress, bad_losses: list[float], run_dir: Path) -> None:

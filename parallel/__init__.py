@@ -13,7 +13,7 @@ from .data_parallel import Runner, StepSettings
 from .pipeline import PipelineRunner, split_indices
 
 
-def check_layout(cfg, model: nn.Module, ctx: Context) -> None:
+def check_layout(cfg, model: nn.Module) -> None:
     """Refuse layouts that cannot work, before any data is read."""
     split_indices(model, cfg.pipeline_splits)
     if cfg.pipeline_splits and cfg.precision == "fp16":

@@ -58,6 +58,12 @@ class Context:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def broadcast_from_main(self, values: list) -> list:
+        """Rank 0's list of plain values, on every rank."""
+        if self.distributed:
+            dist.broadcast_object_list(values, src=0)
+        return values
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if it is true on any (e.g. a non-finite loss seen by the last stage)."""
         if not self.distributed:
@@ -117,5 +123,11 @@ def setup(cfg) -> Context:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        # torchrun keeps one store across --max-restarts; without a prefix per attempt, a restarted
+        # group reads the dead workers' gloo addresses and cannot connect
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"efficientnet/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return ctx

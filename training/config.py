@@ -120,9 +120,11 @@ class TrainConfig:
 
 # Options that steer a run without changing what it computes: on --resume they come from the
 # command line; every other option comes from the checkpoint's saved config.
+# The device layout (replicas, pipeline stages) is one of them, so a checkpoint moves between layouts.
 RUN_CONTROL = (
     "config", "resume", "stop_after_steps", "progress", "wandb", "wandb_project", "workers", "output_dir",
-    "run_name", "checkpoint_every_steps", "keep_checkpoints", "device",
+    "run_name", "checkpoint_every_steps", "keep_checkpoints", "device", "replicas", "pipeline_splits",
+    "pipeline_schedule",
 )
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -1,0 +1,163 @@
+"""Replicas, gradient accumulation and pipeline stages on gloo (CPU), each against a
+single-process run as the reference; and a worker killed under torchrun --max-restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_train
+from conftest import ROOT, tiny_train_args
+from training.checkpoint import list_checkpoints, load_checkpoint
+
+# no randomness beyond the data order: no dropout, drop-path or mixing; plain SGD
+EXACT = ["--dropout", "0", "--stochastic-depth", "0", "--mixup-alpha", "0", "--cutmix-lambda", "1.0",
+         "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--fine-tune-epochs", "0",
+         "--epoch-average-decay", "0", "--epochs", "1", "--max-steps-per-epoch", "3", "--validate-every", "0"]
+
+
+def torchrun(nproc: int, args: list[str], extra: list[str] | None = None, timeout: float = 600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         *(extra or []), str(ROOT / "run_train.py"), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(list_checkpoints(run)[-1])["model"]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def epoch_record(run: Path) -> dict:
+    return next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max(float((a[n].float() - b[n].float()).abs().max()) for n in a)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    return tmp_path / "runs"
+
+
+def test_two_replicas_equal_one_process_with_double_batch(runs: Path) -> None:
+    single = tiny_train_args(runs, *EXACT, "--micro-batch-size", "8", "--run-name", "single")
+    assert run_train.main(single) == 0
+    result = torchrun(2, tiny_train_args(runs, *EXACT, "--micro-batch-size", "4", "--replicas", "2",
+                                         "--run-name", "ddp"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(final_weights(runs / "single"), final_weights(runs / "ddp"), atol=1e-5)
+    # only rank 0 wrote: one set of metrics lines
+    epochs = [line for line in (runs / "ddp" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line]
+    assert len(epochs) == 1
+
+
+@pytest.mark.parametrize("norm, extra, independent", [
+    ("group", [], True), ("layer", [], True), ("layer", ["--proxy-norm"], True), ("batch", [], False),
+])
+def test_gradient_accumulation_equals_big_batch(runs: Path, norm: str, extra: list[str], independent: bool) -> None:
+    common = [*EXACT, "--norm", norm, "--proxy-norm", "false", *extra]
+    assert run_train.main(tiny_train_args(runs, *common, "--micro-batch-size", "8", "--run-name", "big")) == 0
+    assert run_train.main(tiny_train_args(runs, *common, "--micro-batch-size", "2", "--gradient-accumulation", "4",
+                                          "--run-name", "acc")) == 0
+    big, acc = final_weights(runs / "big"), final_weights(runs / "acc")
+    if independent:
+        assert_same_weights(big, acc, atol=1e-5)
+    else:
+        # BatchNorm normalises each micro-batch of 2 by its own statistics: not the same model update
+        assert max_difference(big, acc) > 1e-3
+
+
+def test_two_stage_pipeline_equals_unsplit_model(runs: Path) -> None:
+    common = [*EXACT, "--micro-batch-size", "4", "--gradient-accumulation", "2"]
+    assert run_train.main(tiny_train_args(runs, *common, "--run-name", "whole")) == 0
+    result = torchrun(2, tiny_train_args(runs, *common, "--pipeline-splits", "blocks.3", "--run-name", "pipe"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(final_weights(runs / "whole"), final_weights(runs / "pipe"), atol=1e-5)
+    assert epoch_record(runs / "pipe")["train_loss"] == pytest.approx(epoch_record(runs / "whole")["train_loss"],
+                                                                      abs=1e-5)
+    # the pipelined checkpoint loads into a single-process run, which continues from it
+    assert run_train.main(tiny_train_args(runs, *common, "--run-name", "pipe", "--resume", "auto",
+                                          "--stop-after-steps", "100")) == 0
+
+
+def test_two_stages_times_two_replicas(runs: Path) -> None:
+    common = [*EXACT, "--micro-batch-size", "2", "--gradient-accumulation", "2"]
+    assert run_train.main(tiny_train_args(runs, *common, "--micro-batch-size", "4", "--run-name", "whole")) == 0
+    result = torchrun(4, tiny_train_args(runs, *common, "--pipeline-splits", "blocks.4.0", "--replicas", "2",
+                                         "--pipeline-schedule", "1f1b", "--run-name", "mesh"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(final_weights(runs / "whole"), final_weights(runs / "mesh"), atol=1e-5)
+
+
+def test_layout_errors_are_refused_before_work(runs: Path) -> None:
+    from conftest import run_cli
+
+    for args, needle in [
+        (["--pipeline-splits", "blocks.3.0.expand"], "not a block boundary"),
+        (["--pipeline-splits", "blocks.9"], "not a block boundary"),
+        (["--pipeline-splits", "blocks.4", "blocks.2"], "in model order"),
+        (["--replicas", "2"], "world size 1 does not match --replicas 2"),
+    ]:
+        result = run_cli("run_train.py", *tiny_train_args(runs, *args))
+        assert result.returncode == 2, (args, result.stderr)
+        assert needle in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def _worker_pids(marker: str, local_rank: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if "run_train.py" in cmdline and marker in cmdline and f"LOCAL_RANK={local_rank}".encode() in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_killed_worker_resumes_under_max_restarts(runs: Path) -> None:
+    args = tiny_train_args(runs, *EXACT, "--micro-batch-size", "4", "--replicas", "2", "--run-name", "elastic",
+                           "--resume", "auto", "--checkpoint-every-steps", "1", "--max-steps-per-epoch", "12",
+                           "--epochs", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+         str(ROOT / "run_train.py"), *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    run = runs / "elastic"
+    deadline = time.time() + 300
+    killed = False
+    while time.time() < deadline and process.poll() is None:
+        if not killed and run.is_dir() and len(list_checkpoints(run)) >= 2:
+            for pid in _worker_pids(str(run.parent), "1"):
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+        time.sleep(0.2)
+    output = process.communicate(timeout=300)[0]
+    assert killed, output[-3000:]
+    assert process.returncode == 0, output[-3000:]
+    assert "resuming from" in output
+    assert (run / "final.json").is_file()
+    progress = load_checkpoint(list_checkpoints(run)[-1])["progress"]
+    assert progress["epoch"] == 2 and progress["step"] == 24
