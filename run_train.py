@@ -349,7 +349,8 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
         loss_sum = 0.0
         window_losses: list[torch.Tensor] = []
         bar = tqdm(total=phase.steps_per_epoch, initial=progress.micro_batch // accumulation,
-                   desc=f"{phase.name} {epoch + 1}/{phase.epochs}", disable=not (cfg.progress and ctx.is_main),
+                   desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+                   disable=None if cfg.progress and ctx.is_main else True,  # None: off when not a terminal
                    leave=False, dynamic_ncols=True)
         for images, labels, skipped_files in loader:
             if progress.micro_batch // accumulation >= phase.steps_per_epoch:

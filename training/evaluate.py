@@ -32,7 +32,7 @@ def evaluate(
     correct1 = correct5 = seen = skipped = 0
     loss_sum = 0.0
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for images, labels, skipped_files in tqdm(loader, desc=description, disable=not progress, leave=False):
+    for images, labels, skipped_files in tqdm(loader, desc=description, disable=None if progress else True, leave=False):
         skipped += len(skipped_files)
         if labels.numel() == 0:
             continue

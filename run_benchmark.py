@@ -1,0 +1,267 @@
+"""Throughput of models and of the host data loader, measured side by side in one process.
+
+    python run_benchmark.py --compare efficientnet-b0-g1-bn@224 efficientnet-b0-g16-gn@224 \\
+        efficientnet-b0-g16-lnpn@224 efficientnet-b0-g16-lnpn@160 --batch-size 32
+    python run_benchmark.py --mode inference --compare efficientnet-b0-g16-lnpn@224+bf16+cl
+    python run_benchmark.py --mode data --resolution 160 --workers 1      # host loader on JPEGs
+
+A row is CONFIG[@RES][+bf16|+fp16][+cl][+compile][+width=W][+norm=layer|…] or timm:MODEL[@RES]. Each row
+runs warm-up steps (not timed), then timed steps each synchronised and timed alone; the median is
+reported with GMACs per image, achieved GFLOP/s (a training step counted as 3 forward passes),
+that as a share of this machine's matmul peak (measured here first), and peak memory per image.
+Ratios are against the first row. Record results in docs/benchmarks.md with the command, machine
+and date; timed tests are not used because shared machines are noisy.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models import create_model
+from models.flops import count_macs
+from training.config import (
+    ConfigError,
+    check_config,
+    make_config,
+    model_overrides,
+    native_resolution,
+    parse_dataclass,
+    resolve_config,
+)
+from training.evaluate import autocast_context
+from training.measure import median_step_seconds, peak_memory_bytes
+from training.optim import build_optimizer, parameter_groups
+
+
+@dataclass
+class BenchmarkConfig:
+    compare: list[str] = field(default_factory=lambda: ["efficientnet-b0-g16-lnpn"])  # rows, see above
+    mode: str = "train"  # train | inference | data
+    batch_size: int = 32
+    warmup_steps: int = 2
+    timed_steps: int = 5
+    threads: int | None = None  # torch intra-op threads (None: PyTorch's default)
+    device: str = "auto"
+    num_classes: int = 1000
+    # data mode
+    data_path: str | None = None  # class folders of JPEGs; None: generate ImageNet-like JPEGs
+    jpegs: int = 64  # images to generate when no --data-path
+    resolution: int = 160  # training crop for the data mode
+    workers: int = 1  # DataLoader workers for the data mode
+    draft: bool = True  # reduced-size JPEG decoding before the crop
+
+
+@dataclass
+class Row:
+    spec: str
+    config: str
+    resolution: int
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    overrides: dict = field(default_factory=dict)
+    timm_model: str | None = None
+
+
+def parse_row(spec: str) -> Row:
+    head, *flags = spec.split("+")
+    name, _, res = head.partition("@")
+    if res and not res.isdigit():
+        raise ConfigError(f"row {spec!r}: resolution after @ must be an integer")
+    row = Row(spec, name, int(res) if res else 0)
+    if name.startswith("timm:"):
+        row.timm_model = name[5:]
+        row.resolution = row.resolution or 224
+    for flag in flags:
+        if flag in ("bf16", "fp16", "fp32"):
+            row.precision = flag
+        elif flag == "cl":
+            row.channels_last = True
+        elif flag == "compile":
+            row.compile = True
+        elif "=" in flag:
+            key, value = flag.split("=", 1)
+            row.overrides[key] = _parse_value(value)
+        else:
+            raise ConfigError(f"row {spec!r}: unknown flag {flag!r} (bf16, fp16, cl, compile or KEY=VALUE)")
+    return row
+
+
+def _parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def build(row: Row, num_classes: int) -> tuple[torch.nn.Module, object]:
+    if row.timm_model:
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError(f"row {row.spec!r}: timm is not installed (pip install timm)") from None
+        return timm.create_model(row.timm_model, pretrained=False, num_classes=num_classes), None
+    cfg = make_config({**resolve_config(row.config), "data": "generated", **row.overrides}, f"row {row.spec!r}")
+    check_config(cfg)
+    row.resolution = row.resolution or native_resolution(cfg)
+    return create_model(cfg.model, **model_overrides(cfg, num_classes)), cfg
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best of several large square matmuls: the machine's practical dense peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = median_step_seconds(lambda: a @ b, device, warmup=2, timed=repeats)
+    return 2 * size**3 / min(times) / 1e9
+
+
+def benchmark_row(row: Row, args: BenchmarkConfig, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model, cfg = build(row, args.num_classes)
+    memory_format = torch.channels_last if row.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    macs = count_macs(model, row.resolution) / 1e9
+    forward = torch.compile(model) if row.compile else model
+    x = torch.randn(args.batch_size, 3, row.resolution, row.resolution, device=device)
+    x = x.contiguous(memory_format=memory_format)
+    y = torch.randint(args.num_classes, (args.batch_size,), device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=row.precision == "fp16")
+
+    if args.mode == "train":
+        model.train()
+        if cfg is not None:
+            optimizer = build_optimizer(cfg.optimizer, parameter_groups(model, cfg.weight_decay,
+                                        cfg.proxy_weight_decay), 0.01, cfg.momentum, cfg.nesterov,
+                                        cfg.rmsprop_decay, cfg.optimizer_eps)
+        else:
+            optimizer = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9, eps=1e-3)
+
+        def step() -> None:
+            with autocast_context(device, row.precision):
+                loss = F.cross_entropy(forward(x).float(), y, label_smoothing=0.1)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        passes = 3  # forward + backward (about twice the forward)
+    else:
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), autocast_context(device, row.precision):
+                forward(x)
+
+        passes = 1
+    times = median_step_seconds(step, device, args.warmup_steps, args.timed_steps)
+    memory = peak_memory_bytes(step, device)
+    median = statistics.median(times)
+    images_per_s = args.batch_size / median
+    return dict(row=row.spec, resolution=row.resolution, precision=row.precision, images_per_s=images_per_s,
+                median_step_s=median, gmacs=macs, gflops=2 * macs * passes * images_per_s,
+                peak_mb_per_image=memory / 1e6 / args.batch_size)
+
+
+# ---------------------------------------------------------------------------- host data loader
+
+
+def make_jpegs(folder: Path, count: int) -> Path:
+    """ImageNet-like JPEGs (about 500x375, smooth colour fields with noise) in two class folders."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for index in range(count):
+        width, height = (500, 375) if index % 3 else (375, 500)
+        coarse = torch.rand(3, height // 25, width // 25, generator=generator)
+        image = F.interpolate(coarse[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        image = (image + 0.08 * torch.randn(3, height, width, generator=generator)).clamp(0, 1)
+        pixels = (image.permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+        target = folder / "train" / f"class{index % 2}"
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(target / f"{index:05d}.jpg", quality=90)
+    return folder
+
+
+def benchmark_loader(args: BenchmarkConfig) -> dict:
+    from datasets import ImageFolderDataset, SeededSampler, make_loader, train_transform
+
+    with tempfile.TemporaryDirectory(prefix="jpegs-") as scratch:
+        root = Path(args.data_path) / "train" if args.data_path else make_jpegs(Path(scratch), args.jpegs) / "train"
+        dataset = ImageFolderDataset(root, train_transform(args.resolution),
+                                     draft_short_side=args.resolution if args.draft else None)
+        loader = make_loader(dataset, args.batch_size, SeededSampler(len(dataset), 0), args.workers)
+        for _ in loader:  # warm-up epoch: worker start-up and file cache
+            break
+        start = time.perf_counter()
+        images = sum(labels.numel() for _, labels, _ in loader)
+        elapsed = time.perf_counter() - start
+    per_worker = images / elapsed / max(args.workers, 1)
+    return dict(row=f"loader workers={args.workers} draft={args.draft}", resolution=args.resolution,
+                images_per_s=images / elapsed, images_per_s_per_worker=per_worker, images=images)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_dataclass(list(sys.argv[1:] if argv is None else argv), BenchmarkConfig, BenchmarkConfig(),
+                               __doc__)
+        if args.mode not in ("train", "inference", "data"):
+            raise ConfigError(f"--mode must be train, inference or data, got {args.mode!r}")
+        if args.batch_size < 1 or args.timed_steps < 1 or args.warmup_steps < 0:
+            raise ConfigError("--batch-size and --timed-steps must be at least 1, --warmup-steps at least 0")
+        rows = [parse_row(spec) for spec in args.compare] if args.mode != "data" else []
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    print(f"# {time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()} | "
+          f"{torch.get_num_threads()} threads | torch {torch.__version__} | device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    if args.mode == "data":
+        result = benchmark_loader(args)
+        print(f"{result['row']}: {result['images_per_s']:.1f} images/s, "
+              f"{result['images_per_s_per_worker']:.1f} per worker, at {result['resolution']} px")
+        return 0
+
+    peaks = {"fp32": matmul_peak_gflops(device, torch.float32)}
+    if any(row.precision != "fp32" for row in rows):
+        peaks["bf16"] = matmul_peak_gflops(device, torch.bfloat16)
+        peaks["fp16"] = matmul_peak_gflops(device, torch.float16) if device.type == "cuda" else peaks["bf16"]
+    print("# matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+    print(f"# mode {args.mode}, batch {args.batch_size}, {args.warmup_steps} warm-up + {args.timed_steps} timed steps")
+    results = []
+    for row in rows:
+        try:
+            results.append(benchmark_row(row, args, device))
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    header = f"| {'row':<44} | res | img/s | ratio | GMACs/img | GFLOP/s | % peak | MB/img |"
+    print(header)
+    print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
+    for result in results:
+        ratio = result["images_per_s"] / results[0]["images_per_s"]
+        share = 100 * result["gflops"] / peaks[result["precision"]]
+        print(f"| {result['row']:<44} | {result['resolution']} | {result['images_per_s']:.1f} | {ratio:.2f}x | "
+              f"{result['gmacs']:.3f} | {result['gflops']:.1f} | {share:.1f} | {result['peak_mb_per_image']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
