@@ -5,6 +5,7 @@
     python run_benchmark.py --mode inference --compare efficientnet-b0-g16-lnpn@224+bf16+cl
     python run_benchmark.py --mode data --resolution 160 --workers 1      # host loader on JPEGs
 
+The first row is run once untimed before anything is measured (a process's first work is slow).
 A row is CONFIG[@RES][+bf16|+fp16][+cl][+compile][+width=W][+norm=layer|…] or timm:MODEL[@RES]. Each row
 runs warm-up steps (not timed), then timed steps each synchronised and timed alone; the median is
 reported with GMACs per image, achieved GFLOP/s (a training step counted as 3 forward passes),
@@ -15,6 +16,7 @@ and date; timed tests are not used because shared machines are noisy.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import statistics
 import sys
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         peaks["fp16"] = matmul_peak_gflops(device, torch.float16) if device.type == "cuda" else peaks["bf16"]
     print("# matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print(f"# mode {args.mode}, batch {args.batch_size}, {args.warmup_steps} warm-up + {args.timed_steps} timed steps")
+    # the first thing a process runs is slow (allocator, kernel caches): run the first row once untimed
+    benchmark_row(parse_row(rows[0].spec), dataclasses.replace(args, warmup_steps=1, timed_steps=1), device)
     results = []
     for row in rows:
         try:

@@ -41,6 +41,47 @@ def proxy_moments(
     return activated.mean(dim=1), activated.var(dim=1, unbiased=False)
 
 
+_ACTIVATION_BACKWARD = {
+    "silu": lambda grad, y: torch.ops.aten.silu_backward(grad, y),
+    "relu": lambda grad, y: torch.ops.aten.threshold_backward(grad, y, 0),
+}
+
+
+class ScaledShiftedActivation(torch.autograd.Function):
+    """out = φ(y)·scale + shift (per channel; scale None means 1), saving only y.
+
+    φ(y) is recomputed in backward instead of kept, as in the authors' implementation: one
+    full-size tensor less per layer. Forward works in place on φ(y); backward needs no `neg` pass.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor, activation: str):
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        out = ACTIVATIONS[activation](y)
+        if scale is not None:
+            out.mul_(scale.to(out.dtype).view(shape))
+        out.add_(shift.to(out.dtype).view(shape))
+        ctx.activation = activation
+        ctx.has_scale = scale is not None
+        ctx.save_for_backward(y, scale if scale is not None else shift.new_empty(0))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, scale = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        dims = [0, *range(2, y.dim())]
+        accumulate = torch.promote_types(grad.dtype, torch.float32)  # per-channel sums in >= fp32
+        grad_shift = grad.sum(dims, dtype=accumulate) if ctx.needs_input_grad[2] else None
+        grad_scale = None
+        if ctx.has_scale:
+            if ctx.needs_input_grad[1]:
+                grad_scale = (grad * ACTIVATIONS[ctx.activation](y)).sum(dims, dtype=accumulate)
+            grad = grad * scale.to(grad.dtype).view(shape)
+        grad_y = _ACTIVATION_BACKWARD[ctx.activation](grad, y) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_scale, grad_shift, None
+
+
 class ProxyNormAct(nn.Module):
     """GroupNorm (1 group = LayerNorm) + activation φ (SiLU by default) + Proxy Norm, as one layer.
 
@@ -99,14 +140,12 @@ class ProxyNormAct(nn.Module):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        activated = ACTIVATIONS[self.activation](self.pre_activation(x))
+        y = self.pre_activation(x)
         mean, var = self.moments()
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        if self.centre_only:
-            return activated - mean.to(activated.dtype).view(shape)
-        scale = torch.rsqrt(var + self.proxy_eps)
-        # (z − μ̃)·s as one fused multiply-add: z·s + (−μ̃·s)
-        return torch.addcmul((-mean * scale).to(activated.dtype).view(shape), activated, scale.to(activated.dtype).view(shape))
+        if self.centre_only:  # φ(y) − μ̃
+            return ScaledShiftedActivation.apply(y, None, -mean, self.activation)
+        scale = torch.rsqrt(var + self.proxy_eps)  # (φ(y) − μ̃)·s = φ(y)·s + (−μ̃·s)
+        return ScaledShiftedActivation.apply(y, scale, -mean * scale, self.activation)
 
     def extra_repr(self) -> str:
         mode = "centre_only" if self.centre_only else "normalise"

@@ -20,7 +20,8 @@ def tiny_train_args(output_dir: Path, *extra: str) -> list[str]:
     return [
         "--config", "demo", "--width", "0.25", "--depth", "0.25", "--resolution", "32", "--half-resolution", "24",
         "--epochs", "2", "--max-steps-per-epoch", "3", "--micro-batch-size", "8", "--workers", "0",
-        "--progress", "false", "--output-dir", str(output_dir), "--fine-tune-epochs", "1", *extra,
+        "--progress", "false", "--output-dir", str(output_dir), "--fine-tune-epochs", "1",
+        "--precision", "fp32", "--channels-last", "false", *extra,
     ]
 
 

@@ -1,0 +1,282 @@
+"""Faults a long run meets: kills, signals, broken checkpoints, files that try to run code,
+non-finite losses, bad data and two runs in one folder. Each fault has a test here; the table in
+docs/reliability.md points to them."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import run_train
+from conftest import ROOT, run_cli, tiny_train_args
+from datasets import DataError, ImageFolderDataset, check_classes
+from datasets.image_folder import Skipped, load_image
+from training.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    newest_good_checkpoint,
+    save_checkpoint,
+)
+from training.config import ConfigError, resolve_config
+
+# a run long enough to be interrupted: 2 epochs of 6 steps, a checkpoint every step
+LONG = ["--epochs", "2", "--max-steps-per-epoch", "6", "--checkpoint-every-steps", "1", "--fine-tune-epochs", "0",
+        "--mixup-alpha", "0.2", "--ema-decay", "0.9", "--workers", "1"]
+
+
+def _popen(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+
+
+def _wait_for_checkpoints(run: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if run.is_dir() and len(list_checkpoints(run)) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} checkpoints in {run}: {process.poll()}")
+
+
+def _same_state(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a), load_checkpoint(b)
+    for key in ("model", "ema", "epoch_average"):
+        for name, tensor in sa[key].items():
+            assert torch.equal(tensor, sb[key][name]), (key, name)
+    assert sa["progress"] == sb["progress"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reference")
+    assert run_train.main(tiny_train_args(root, *LONG, "--run-name", "ref")) == 0
+    return list_checkpoints(root / "ref")[-1]
+
+
+# ---------------------------------------------------------------------------- killed and stopped runs
+
+
+def test_sigkill_at_a_random_point_then_resume_is_exact(tmp_path: Path, reference_run: Path) -> None:
+    args = tiny_train_args(tmp_path, *LONG, "--run-name", "killed")
+    process = _popen(args)
+    _wait_for_checkpoints(tmp_path / "killed", 1, process)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
+    process.kill()
+    process.wait()
+    assert run_train.main([*args, "--resume", "auto"]) == 0
+    _same_state(list_checkpoints(tmp_path / "killed")[-1], reference_run)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_checkpoint_and_exit_cleanly(tmp_path: Path, reference_run: Path, signum: int,
+                                                        code: int) -> None:
+    args = tiny_train_args(tmp_path, *LONG, "--run-name", "stopped", "--checkpoint-every-steps", "0")
+    process = _popen(args)
+    _wait_for_checkpoints(tmp_path / "stopped", 1, process)  # the first epoch is done
+    process.send_signal(signum)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == code, output
+    assert "Traceback" not in output and "--resume auto" in output
+    assert run_train.main([*args, "--resume", "auto"]) == 0
+    _same_state(list_checkpoints(tmp_path / "stopped")[-1], reference_run)
+
+
+# ---------------------------------------------------------------------------- checkpoint integrity
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "checkpoint-000000001.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+    before = path.read_bytes()
+
+    def full_disk(obj, handle, *a, **k):
+        handle.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_truncated_and_corrupt_checkpoints_are_refused_and_skipped(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path / f"checkpoint-{step:09d}.pt", {"model": {"w": torch.full((3,), float(step))}})
+    good = (tmp_path / "checkpoint-000000003.pt").read_bytes()
+    (tmp_path / "checkpoint-000000003.pt").write_bytes(good[: len(good) // 2])  # truncated
+    (tmp_path / "checkpoint-000000002.pt").write_bytes(b"")  # zero bytes
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "checkpoint-000000003.pt")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_checkpoint(tmp_path / "checkpoint-000000002.pt")
+    warnings: list[str] = []
+    path, state = newest_good_checkpoint(tmp_path, warnings.append)
+    assert path.name == "checkpoint-000000001.pt" and torch.equal(state["model"]["w"], torch.ones(3))
+    assert len(warnings) == 2
+
+
+def test_resume_auto_falls_back_to_newest_good_checkpoint(tmp_path: Path) -> None:
+    args = tiny_train_args(tmp_path, *LONG, "--run-name", "r", "--stop-after-steps", "4")
+    assert run_train.main(args) == 143
+    newest = list_checkpoints(tmp_path / "r")[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    result = run_cli("run_train.py", *tiny_train_args(tmp_path, *LONG, "--run-name", "r", "--resume", "auto"))
+    assert result.returncode == 0, result.stderr
+    assert f"skipping unusable checkpoint: checkpoint {newest}" in result.stderr
+    assert "resuming from" in result.stderr and "step 3)" in result.stderr
+
+
+# ---------------------------------------------------------------------------- no code execution from files
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "checkpoint-000000009.pt"
+    torch.save({"model": {}, "format_version": 1, "payload": _RunsCode(marker)}, evil)
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_checkpoint(evil)
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    result = run_cli("run_validate.py", "--checkpoint", str(evil))
+    assert result.returncode == 2 and "could run code" in result.stderr
+    assert not marker.exists()
+
+
+def test_config_yaml_cannot_run_code(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "configs.yml"
+    evil.write_text(f"x:\n  run_name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve_config("x", evil)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- numerical faults
+
+
+def test_nonfinite_loss_stops_with_the_step_named(tmp_path: Path) -> None:
+    args = tiny_train_args(tmp_path, "--run-name", "nan", "--lr", "1e30", "--optimizer", "sgd", "--epochs", "3",
+                           "--fine-tune-epochs", "0", "--max-steps-per-epoch", "2")
+    result = run_cli("run_train.py", *args)
+    assert result.returncode == 1, result.stderr
+    line = [l for l in result.stderr.splitlines() if l.startswith("error:")][0]  # noqa: E741
+    assert "loss is" in line and "step" in line and "Last good checkpoint" in line
+    assert "Traceback" not in result.stderr
+    for path in list_checkpoints(tmp_path / "nan"):  # whatever was saved is finite
+        assert all(torch.isfinite(t).all() for t in load_checkpoint(path)["model"].values() if t.is_floating_point())
+
+
+def test_skip_nonfinite_steps_allows_a_few(tmp_path: Path) -> None:
+    args = tiny_train_args(tmp_path, "--run-name", "skip", "--lr", "1e30", "--optimizer", "sgd", "--epochs", "3",
+                           "--fine-tune-epochs", "0", "--max-steps-per-epoch", "2", "--skip-nonfinite-steps", "2")
+    result = run_cli("run_train.py", *args)
+    assert "step skipped (1/2 allowed)" in result.stderr and "step skipped (2/2 allowed)" in result.stderr
+    assert result.returncode == 1 and "loss is" in result.stderr
+
+
+# ---------------------------------------------------------------------------- bad data
+
+
+def test_bad_image_files_are_counted_skips(tmp_path: Path) -> None:
+    root = tmp_path / "train"
+    folder = root / "a"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(folder / "ok.jpg")
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(folder / "alpha.png")
+    Image.fromarray((torch.arange(400).reshape(20, 20) * 150).to(torch.int32).numpy().astype("uint16")).save(
+        folder / "deep16.png")
+    (folder / "zero.jpg").write_bytes(b"")
+    good = (folder / "ok.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (folder / "readme.md").write_text("not an image")
+    Image.new("L", (12000, 12000)).save(folder / "bomb.png", optimize=True)  # 144 Mpixel: over PIL's bomb limit
+
+    dataset = ImageFolderDataset(root, lambda image: image)
+    assert dataset.ignored_files == 1  # readme.md
+    results = {Path(dataset.samples[i][0]).name: dataset[i] for i in range(len(dataset))}
+    for name in ("zero.jpg", "truncated.jpg", "corrupt.png", "bomb.png"):
+        assert isinstance(results[name], Skipped), name
+    assert "DecompressionBomb" in results["bomb.png"].reason
+    alpha, _ = results["alpha.png"]
+    assert alpha.mode == "RGB" and alpha.getpixel((0, 0)) == (255, 255, 255)  # transparent over white
+    deep, _ = results["deep16.png"]
+    assert deep.mode == "RGB" and max(deep.getpixel((19, 19))) > 200 and deep.getpixel((0, 0)) == (0, 0, 0)
+    strict = ImageFolderDataset(root, lambda image: image, strict=True)
+    with pytest.raises(DataError, match="cannot decode image .*zero.jpg"):
+        strict[[Path(p).name for p, _ in strict.samples].index("zero.jpg")]
+    assert load_image(str(folder / "ok.jpg")).size == (40, 30)
+
+
+def test_missing_empty_and_mismatched_folders_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data path not found"):
+        check_classes(tmp_path / "nowhere")
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "validation" / "dog").mkdir(parents=True)
+    with pytest.raises(DataError, match="only in train: \\['cat'\\], only in validation: \\['dog'\\]"):
+        check_classes(tmp_path)
+    (tmp_path / "validation" / "cat").mkdir()
+    (tmp_path / "train" / "dog").mkdir()
+    result = run_cli("run_train.py", "--data", "imagenet", "--data-path", str(tmp_path), "--output-dir",
+                     str(tmp_path / "runs"))
+    assert result.returncode == 2 and "no image files" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------- bad options
+
+
+def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path) -> None:
+    missing = ["--data", "imagenet", "--data-path", str(tmp_path / "no-data-here")]
+    cases = [
+        (["--config", "efficientnet-b0-g16-gnn"], "unknown config"),
+        (["--epochz", "3"], "unknown option --epochz"),
+        (["--epochs", "three"], "--epochs"),
+        (["--micro-batch-size", "-4"], "--micro-batch-size must be at least 1"),
+        (["--resolution", "4"], "--resolution must be at least"),
+        (["--pipeline-splits", "stem.conv"], "--pipeline-splits"),
+        (["--replicas", "3"], "world size 1 does not match --replicas 3"),
+        (["--fine-tune-first-trainable-layer", "neck"], "--fine-tune-first-trainable-layer"),
+    ]
+    for args, needle in cases:
+        result = run_cli("run_train.py", *missing, *args, "--output-dir", str(tmp_path / "runs"))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(lines) == 1 and needle in lines[0], (args, result.stderr)  # not the data path error
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------- output folders
+
+
+def test_two_runs_in_one_folder_do_not_share_it(tmp_path: Path) -> None:
+    args = tiny_train_args(tmp_path, *LONG, "--run-name", "busy", "--resume", "auto")
+    first = _popen(args)
+    _wait_for_checkpoints(tmp_path / "busy", 1, first)
+    second = run_cli("run_train.py", *args)
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert second.returncode == 2 and "in use by another training process" in second.stderr
