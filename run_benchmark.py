@@ -6,7 +6,8 @@
     python run_benchmark.py --mode data --resolution 160 --workers 1      # host loader on JPEGs
 
 The first row is run once untimed before anything is measured (a process's first work is slow).
-A row is CONFIG[@RES][+bf16|+fp16][+cl][+compile][+width=W][+norm=layer|…] or timm:MODEL[@RES]. Each row
+A row is CONFIG[@RES][+fp32|+bf16|+fp16][+cl|+nocl][+compile|+nocompile][+KEY=VALUE…] or
+timm:MODEL[@RES]; precision, memory format and compile default to the config's. Each row
 runs warm-up steps (not timed), then timed steps each synchronised and timed alone; the median is
 reported with GMACs per image, achieved GFLOP/s (a training step counted as 3 forward passes),
 that as a share of this machine's matmul peak (measured here first), and peak memory per image.
@@ -67,9 +68,9 @@ class Row:
     spec: str
     config: str
     resolution: int
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
+    precision: str | None = None  # None: the config's (fp32 for timm rows)
+    channels_last: bool | None = None  # None: the config's
+    compile: bool | None = None
     overrides: dict = field(default_factory=dict)
     timm_model: str | None = None
 
@@ -86,15 +87,16 @@ def parse_row(spec: str) -> Row:
     for flag in flags:
         if flag in ("bf16", "fp16", "fp32"):
             row.precision = flag
-        elif flag == "cl":
-            row.channels_last = True
-        elif flag == "compile":
-            row.compile = True
+        elif flag in ("cl", "nocl"):
+            row.channels_last = flag == "cl"
+        elif flag in ("compile", "nocompile"):
+            row.compile = flag == "compile"
         elif "=" in flag:
             key, value = flag.split("=", 1)
             row.overrides[key] = _parse_value(value)
         else:
-            raise ConfigError(f"row {spec!r}: unknown flag {flag!r} (bf16, fp16, cl, compile or KEY=VALUE)")
+            raise ConfigError(f"row {spec!r}: unknown flag {flag!r} (fp32, bf16, fp16, cl, nocl, compile, "
+                              f"nocompile or KEY=VALUE)")
     return row
 
 
@@ -113,10 +115,16 @@ def build(row: Row, num_classes: int) -> tuple[torch.nn.Module, object]:
             import timm
         except ImportError:
             raise ConfigError(f"row {row.spec!r}: timm is not installed (pip install timm)") from None
+        row.precision = row.precision or "fp32"
+        row.channels_last = bool(row.channels_last)
+        row.compile = bool(row.compile)
         return timm.create_model(row.timm_model, pretrained=False, num_classes=num_classes), None
     cfg = make_config({**resolve_config(row.config), "data": "generated", **row.overrides}, f"row {row.spec!r}")
     check_config(cfg)
     row.resolution = row.resolution or native_resolution(cfg)
+    row.precision = row.precision or cfg.precision
+    row.channels_last = cfg.channels_last if row.channels_last is None else row.channels_last
+    row.compile = cfg.compile if row.compile is None else row.compile
     return create_model(cfg.model, **model_overrides(cfg, num_classes)), cfg
 
 
@@ -170,7 +178,8 @@ def benchmark_row(row: Row, args: BenchmarkConfig, device: torch.device) -> dict
     memory = peak_memory_bytes(step, device)
     median = statistics.median(times)
     images_per_s = args.batch_size / median
-    return dict(row=row.spec, resolution=row.resolution, precision=row.precision, images_per_s=images_per_s,
+    return dict(row=row.spec, resolution=row.resolution, precision=row.precision, channels_last=row.channels_last,
+                compile=row.compile, images_per_s=images_per_s,
                 median_step_s=median, gmacs=macs, gflops=2 * macs * passes * images_per_s,
                 peak_mb_per_image=memory / 1e6 / args.batch_size)
 
@@ -241,10 +250,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['images_per_s_per_worker']:.1f} per worker, at {result['resolution']} px")
         return 0
 
-    peaks = {"fp32": matmul_peak_gflops(device, torch.float32)}
-    if any(row.precision != "fp32" for row in rows):
-        peaks["bf16"] = matmul_peak_gflops(device, torch.bfloat16)
-        peaks["fp16"] = matmul_peak_gflops(device, torch.float16) if device.type == "cuda" else peaks["bf16"]
+    peaks = {"fp32": matmul_peak_gflops(device, torch.float32), "bf16": matmul_peak_gflops(device, torch.bfloat16)}
+    peaks["fp16"] = matmul_peak_gflops(device, torch.float16) if device.type == "cuda" else peaks["bf16"]
     print("# matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print(f"# mode {args.mode}, batch {args.batch_size}, {args.warmup_steps} warm-up + {args.timed_steps} timed steps")
     # the first thing a process runs is slow (allocator, kernel caches): run the first row once untimed
@@ -256,13 +263,15 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-    header = f"| {'row':<44} | res | img/s | ratio | GMACs/img | GFLOP/s | % peak | MB/img |"
+    header = f"| {'row':<44} | res | precision | layout | img/s | ratio | GMACs/img | GFLOP/s | % peak | MB/img |"
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     for result in results:
         ratio = result["images_per_s"] / results[0]["images_per_s"]
         share = 100 * result["gflops"] / peaks[result["precision"]]
-        print(f"| {result['row']:<44} | {result['resolution']} | {result['images_per_s']:.1f} | {ratio:.2f}x | "
+        layout = ("NHWC" if result["channels_last"] else "NCHW") + (" compiled" if result["compile"] else "")
+        print(f"| {result['row']:<44} | {result['resolution']} | {result['precision']} | {layout} | "
+              f"{result['images_per_s']:.1f} | {ratio:.2f}x | "
               f"{result['gmacs']:.3f} | {result['gflops']:.1f} | {share:.1f} | {result['peak_mb_per_image']:.1f} |")
     return 0
 

@@ -40,6 +40,7 @@ from training.checkpoint import (
     CheckpointError,
     checkpoint_name,
     export_safetensors,
+    list_checkpoints,
     load_checkpoint,
     prune_step_checkpoints,
     save_checkpoint,
@@ -160,8 +161,7 @@ def config_for_resume(cfg: TrainConfig, state: dict, path: Path, report) -> Trai
     ignored = [
         f"--{f.name.replace('_', '-')}"
         for f in dataclasses.fields(cfg)
-        if f.name not in RUN_CONTROL and getattr(cfg, f.name) != getattr(saved, f.name) and cfg.config is None
-        and getattr(cfg, f.name) != f.default
+        if f.name not in RUN_CONTROL and getattr(cfg, f.name) != getattr(saved, f.name)
     ]
     if ignored:
         report(f"warning: resuming with the checkpoint's settings; ignoring {', '.join(ignored)}")
@@ -450,8 +450,6 @@ def handle_nonfinite(cfg, ctx, phase: Phase, progress: Progress, bad_losses: lis
     progress.nonfinite_skipped += 1
     where = f"{phase.name} epoch {progress.epoch + 1}, step {progress.step + 1}"
     if progress.nonfinite_skipped > cfg.skip_nonfinite_steps:
-        from training.checkpoint import list_checkpoints
-
         saved = list_checkpoints(run_dir)
         raise TrainingError(
             f"loss is {bad} at {where}; stopping. Last good checkpoint: "

@@ -142,10 +142,17 @@ class ProxyNormAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.pre_activation(x)
         mean, var = self.moments()
-        if self.centre_only:  # φ(y) − μ̃
-            return ScaledShiftedActivation.apply(y, None, -mean, self.activation)
-        scale = torch.rsqrt(var + self.proxy_eps)  # (φ(y) − μ̃)·s = φ(y)·s + (−μ̃·s)
-        return ScaledShiftedActivation.apply(y, scale, -mean * scale, self.activation)
+        scale = None if self.centre_only else torch.rsqrt(var + self.proxy_eps)
+        shift = -mean if scale is None else -mean * scale  # (φ(y) − μ̃)·s = φ(y)·s + (−μ̃·s)
+        if torch.compiler.is_compiling():
+            # under torch.compile the plain formula lets Inductor fuse these passes into one kernel
+            # and pick what to recompute; the hand-written Function would hide them from it
+            shape = (1, -1) + (1,) * (y.dim() - 2)
+            out = ACTIVATIONS[self.activation](y)
+            if scale is not None:
+                out = out * scale.to(out.dtype).view(shape)
+            return out + shift.to(out.dtype).view(shape)
+        return ScaledShiftedActivation.apply(y, scale, shift, self.activation)
 
     def extra_repr(self) -> str:
         mode = "centre_only" if self.centre_only else "normalise"

@@ -317,3 +317,15 @@ def test_messy_image_folder_trains_and_reports_corrupt_file(tmp_path: Path) -> N
         "--fine-tune-epochs", "0", "--progress", "false", "--output-dir", str(tmp_path / "runs"), "--strict-images",
     )
     assert strict.returncode == 2 and "corrupt.jpg" in strict.stderr and "Traceback" not in strict.stderr
+
+
+def test_resume_uses_checkpoint_settings_and_warns_about_others(tiny_args, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--fine-tune-epochs", "0", "--run-name", "w"]
+    assert run_train.main(tiny_args(*base, "--stop-after-steps", "3")) == 143
+    capsys.readouterr()
+    assert run_train.main(tiny_args(*base, "--resume", "auto", "--label-smoothing", "0.3")) == 0
+    err = capsys.readouterr().err
+    assert "ignoring --label-smoothing" in err
+    saved = load_checkpoint(list_checkpoints(tmp_path / "runs" / "w")[-1])["config"]
+    assert saved["label_smoothing"] == pytest.approx(0.1)  # the checkpoint's value was used
