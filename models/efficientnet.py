@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
 from .config import EfficientNetConfig, NormConfig, spatial_conv_groups
 from .norm_act import Role, make_norm_act
+from .proxy_norm import ProxyNormAct
 
 
 class ConvNormAct(nn.Module):
@@ -37,9 +39,32 @@ class ConvNormAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_act(self.conv(x))
 
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(activation, mean, inv_std): the output is (activation − mean)·inv_std, left to the caller."""
+        return self.norm_act.forward_split(self.conv(x))
+
+
+def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """conv(x·scale + shift) for per-channel scale and shift, without touching x: the scale goes
+    into the weights, and the shift's response (a per-position bias map, the same for every sample,
+    border effects of the zero padding included) is one conv of a 1-sample constant input."""
+    groups = conv.groups
+    out_channels, in_per_group = conv.weight.shape[:2]
+    weight_scale = scale.view(groups, 1, in_per_group).expand(groups, out_channels // groups, in_per_group)
+    weight = conv.weight * weight_scale.reshape(out_channels, in_per_group, 1, 1).to(conv.weight.dtype)
+    out = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, groups)
+    constant = shift.view(1, -1, 1, 1).expand(1, -1, *x.shape[2:]).to(x.dtype).contiguous()
+    return out + F.conv2d(constant, conv.weight, None, conv.stride, conv.padding, conv.dilation, groups)
+
 
 class SqueezeExcite(nn.Module):
-    """Channel gate from pooled features. `scale` (Proxy Norm's 1/σ̃) is folded into the gate."""
+    """Channel gate from pooled features.
+
+    With Proxy Norm before it, the input arrives uncentred with its per-channel `mean` (μ̃) and
+    `inv_std` (1/σ̃) owed: the gate is computed from the centred input, and centring and scale are
+    applied in the same multiply as the gate, (x − μ̃)·gate/σ̃ = x·G − μ̃·G, one pass over the
+    largest tensors of the block instead of three.
+    """
 
     def __init__(self, channels: int, squeeze_channels: int) -> None:
         super().__init__()
@@ -47,11 +72,18 @@ class SqueezeExcite(nn.Module):
         self.act = nn.SiLU(inplace=True)
         self.expand = nn.Conv2d(squeeze_channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        gate = torch.sigmoid(self.expand(self.act(self.reduce(x.mean((2, 3), keepdim=True)))))
-        if scale is not None:
-            gate = gate * scale.to(gate.dtype).view(1, -1, 1, 1)
-        return x * gate
+    def forward(self, x: torch.Tensor, mean: torch.Tensor | None = None,
+                inv_std: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = x.mean((2, 3), keepdim=True)
+        if mean is not None:
+            mean = mean.to(x.dtype).view(1, -1, 1, 1)
+            pooled = pooled - mean
+        gate = torch.sigmoid(self.expand(self.act(self.reduce(pooled))))
+        if inv_std is not None:
+            gate = gate * inv_std.to(gate.dtype).view(1, -1, 1, 1)
+        if mean is None:
+            return x * gate
+        return torch.addcmul(-mean * gate, x, gate)
 
 
 class MBConv(nn.Module):
@@ -79,8 +111,15 @@ class MBConv(nn.Module):
         self.drop_path = StochasticDepth(drop_path, "row") if self.has_residual else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.spatial(self.expand(x))
-        out = self.se(out, self.spatial.norm_act.output_scale())
+        if self.training and isinstance(self.expand, ConvNormAct) and isinstance(self.expand.norm_act, ProxyNormAct):
+            # the expansion's Proxy Norm (φ(y) − μ̃)/σ̃ is folded into the spatial conv (linear): two
+            # elementwise passes fewer each way. Training only: its shift conv costs one sample's worth
+            # of conv per batch, which pays for itself at training batch sizes, not at batch 1
+            activated, mean, inv_std = self.expand.forward_split(x)
+            spatial_in = conv_with_input_affine(self.spatial.conv, activated, inv_std, -mean * inv_std)
+            out = self.se(*self.spatial.norm_act.forward_split(spatial_in))
+        else:
+            out = self.se(*self.spatial.forward_split(self.expand(x)))
         out = self.project(out)
         if self.has_residual:
             out = self.drop_path(out) + x

@@ -38,8 +38,8 @@ class NormAct(nn.Module):
         else:
             raise ValueError(f"activation must be one of {', '.join(_ACT_MODULES)}, got {activation!r}")
 
-    def output_scale(self) -> None:
-        return None
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return self(x), None, None
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
@@ -57,8 +57,8 @@ class ScaleOnlyGroupNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(channels))
 
-    def output_scale(self) -> None:
-        return None
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return self(x), None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x, self.num_groups, self.weight, None, self.eps)

@@ -86,8 +86,8 @@ class ProxyNormAct(nn.Module):
     """GroupNorm (1 group = LayerNorm) + activation φ (SiLU by default) + Proxy Norm, as one layer.
 
     `centre_only=False`: output (z − μ̃) / sqrt(σ̃² + ε), used after the stem and expansion convs.
-    `centre_only=True`: output z − μ̃; the block folds `output_scale()` into the SE gate (spatial
-    conv), or the scale is dropped because pooling and the classifier follow (head).
+    `centre_only=True`: output z − μ̃; the scale is dropped because pooling and the classifier follow
+    (head). The spatial conv's layer is used through `forward_split`: its SE gate does the rest.
     """
 
     def __init__(
@@ -131,9 +131,11 @@ class ProxyNormAct(nn.Module):
                 self.activation,
             )
 
-    def output_scale(self) -> torch.Tensor:
-        """1 / sqrt(σ̃² + ε) per channel: what a centred-only output still owes its consumer."""
-        return torch.rsqrt(self.moments()[1] + self.proxy_eps)
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(φ(y), μ̃, 1/σ̃): the normalised output (φ(y) − μ̃)/σ̃ left for the consumer to finish in
+        an op it runs anyway (the SE gate), whatever `centre_only` says."""
+        mean, var = self.moments()
+        return ACTIVATIONS[self.activation](self.pre_activation(x)), mean, torch.rsqrt(var + self.proxy_eps)
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         """γ·norm(x) + β: what the activation sees."""

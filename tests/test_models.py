@@ -342,3 +342,29 @@ def test_compiled_model_matches_eager() -> None:
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-10, atol=1e-12)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, eager_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_spatial_proxy_norm_folded_into_se_matches_reference_formula() -> None:
+    """MBConv with LN+PN: (φ(y) − μ̃) feeds the SE, and the SE output is scaled by 1/σ̃; the block
+    computes this with centring and scale folded into the gate multiply, and (in training) the
+    expansion's Proxy Norm folded into the spatial conv's weights and a bias map."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).double().eval()
+    block = next(b for stage in model.blocks for b in stage
+                 if b.has_residual and not isinstance(b.expand, torch.nn.Identity))
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(2, block.expand.conv.in_channels, 6, 6, dtype=torch.float64)
+    block.train()  # the expansion's Proxy Norm is folded into the spatial conv in training mode only
+    trained_path = block(x)
+    block.eval()
+    pn = block.spatial.norm_act
+    mean, var = pn.moments()
+    y = torch.nn.functional.group_norm(block.spatial.conv(block.expand(x)), 1, pn.weight, pn.bias, 1e-3)
+    centred = torch.nn.functional.silu(y) - mean.view(1, -1, 1, 1)
+    se = block.se
+    gate = torch.sigmoid(se.expand(torch.nn.functional.silu(se.reduce(centred.mean((2, 3), keepdim=True)))))
+    reference = block.project(centred * gate / torch.sqrt(var.view(1, -1, 1, 1) + 0.03)) + x
+    torch.testing.assert_close(block(x), reference)
+    torch.testing.assert_close(trained_path, reference)
