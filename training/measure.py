@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import nullcontext
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import nn
