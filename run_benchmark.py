@@ -42,7 +42,7 @@ from training.config import (
 )
 from training.evaluate import autocast_context
 from training.measure import median_step_seconds, peak_memory_bytes
-from training.optim import build_optimizer, parameter_groups
+from training.optim import optimizer_from_config
 
 
 @dataclass
@@ -151,9 +151,7 @@ def benchmark_row(row: Row, args: BenchmarkConfig, device: torch.device) -> dict
     if args.mode == "train":
         model.train()
         if cfg is not None:
-            optimizer = build_optimizer(cfg.optimizer, parameter_groups(model, cfg.weight_decay,
-                                        cfg.proxy_weight_decay), 0.01, cfg.momentum, cfg.nesterov,
-                                        cfg.rmsprop_decay, cfg.optimizer_eps)
+            optimizer = optimizer_from_config(cfg, model, 0.01)
         else:
             optimizer = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9, eps=1e-3)
 

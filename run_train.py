@@ -24,16 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 import parallel
-from datasets import (
-    DataError,
-    GeneratedDataset,
-    SeededSampler,
-    eval_resize_size,
-    eval_transform,
-    make_loader,
-    open_split,
-    train_transform,
-)
+from datasets import DataError, SeededSampler, eval_resize_size, eval_transform, make_loader, train_transform
 from models import create_model
 from training.averaging import make_average
 from training.checkpoint import (
@@ -58,11 +49,12 @@ from training.config import (
     to_dict,
     training_resolution,
 )
+from training.data import open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
 from training.finetune import check_layer_name, freeze_before, train_mode
 from training.metrics import MetricsLog
 from training.mixing import BatchMixer
-from training.optim import LRSchedule, build_optimizer, parameter_groups
+from training.optim import LRSchedule, optimizer_from_config, parameter_groups
 from training.run_dir import RunLock, locate_run, write_config
 
 
@@ -185,17 +177,18 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
 
     # ---- data (the class list decides the classifier size)
     native = native_resolution(cfg)
-    val_set = open_dataset(cfg, "validation", eval_transform(native, cfg.crop_pct), native)
+    val_set = open_dataset(cfg, "validation", native)
+    set_preprocessing(val_set, native, eval_transform(native, cfg.crop_pct))
     num_classes = cfg.num_classes or len(val_set.classes)
     val_loader = make_loader(val_set, cfg.micro_batch_size, SeededSampler(len(val_set), cfg.seed, False,
                                                                             ctx.replica_rank, ctx.replicas), cfg.workers)
-    train_set = open_dataset(cfg, "train", None, training_resolution(cfg))
+    train_set = open_dataset(cfg, "train", training_resolution(cfg))
 
     # ---- model: the same initial weights on every rank, then a different RNG stream per rank
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **model_overrides(cfg, num_classes)).to(device, memory_format=memory_format)
     runner = parallel.wrap(model, cfg, ctx)
-    scaler = torch.amp.GradScaler(device.type, init_scale=128.0, enabled=cfg.precision == "fp16")
+    scaler = make_scaler(cfg, device)
     seed_everything(cfg.seed + ctx.rank)
 
     if ctx.is_main:
@@ -215,8 +208,7 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
         progress = Progress(**state["progress"])
         ctx.print(f"resuming from {state_path} ({progress.phase} epoch {progress.epoch}, step {progress.step})")
 
-    stopper = SignalStopper()
-    try:
+    with SignalStopper() as stopper:
         # ---- main training phase
         phase = make_train_phase(cfg, model, num_classes, len(train_set), ctx)
         if progress.phase == "train":
@@ -238,8 +230,6 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
                 restore(state, model, phase, scaler)
             run_phase(cfg, ctx, phase, model, runner, scaler, train_set, val_loader, progress, run_dir, log,
                       stopper)
-    finally:
-        stopper.restore()
 
     final = report_validation(cfg, ctx, log, progress, model, runner, val_loader, "final")
     if ctx.is_main:
@@ -260,9 +250,7 @@ def make_train_phase(cfg: TrainConfig, model: nn.Module, num_classes: int, train
     resolution = training_resolution(cfg)
     steps = steps_per_epoch(cfg, train_size, cfg.micro_batch_size, ctx)
     lr = cfg.lr or cfg.lr_per_image * global_batch_size(cfg)
-    groups = parameter_groups(model, cfg.weight_decay, cfg.proxy_weight_decay)
-    optimizer = build_optimizer(cfg.optimizer, groups, lr, cfg.momentum, cfg.nesterov, cfg.rmsprop_decay,
-                                cfg.optimizer_eps)
+    optimizer = optimizer_from_config(cfg, model, lr)
     schedule = LRSchedule(cfg.lr_schedule, steps, max(cfg.epochs * steps, 1), round(cfg.warmup_epochs * steps),
                           cfg.lr_decay, cfg.lr_decay_epochs)
     return Phase(
@@ -313,16 +301,13 @@ def fine_tune(cfg: TrainConfig, model: nn.Module, num_classes: int, resolution: 
     run_validate.py calls this for its per-resolution protocol; checkpoints go to `work_dir`."""
     cfg = dataclasses.replace(cfg, resolution=resolution, checkpoint_every_steps=0, stop_after_steps=None,
                               validate_every=0)
-    train_set = open_dataset(cfg, "train", None, resolution)
+    train_set = open_dataset(cfg, "train", resolution)
     phase = make_fine_tune_phase(cfg, model, num_classes, len(train_set), ctx)
-    scaler = torch.amp.GradScaler(ctx.device.type, init_scale=128.0, enabled=cfg.precision == "fp16")
+    scaler = make_scaler(cfg, ctx.device)
     runner = parallel.wrap(model, cfg, ctx)
-    stopper = SignalStopper()
-    try:
+    with SignalStopper() as stopper:
         run_phase(cfg, ctx, phase, model, runner, scaler, train_set, None, Progress(phase="fine_tune"), work_dir,
                   None, stopper)
-    finally:
-        stopper.restore()
     for param in model.parameters():
         param.requires_grad_(True)
     model.eval()
@@ -394,13 +379,13 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", top1=f"{100 * correct / seen:.1f}",
                                 img_s=f"{seen * ctx.replicas / (time.perf_counter() - started):.1f}",
                                 lr=f"{phase.optimizer.param_groups[0]['lr']:.2e}")
-            if cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0 and \
-                    progress.micro_batch // accumulation < phase.steps_per_epoch:
-                write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, False, runner)
+            # mid-epoch checkpoints (the epoch's last step is checkpointed at the end of the epoch)
             stop_code = stop_requested(cfg, ctx, stopper, progress)
-            if stop_code and progress.micro_batch // accumulation < phase.steps_per_epoch:
+            periodic = cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0
+            if (stop_code or periodic) and progress.micro_batch // accumulation < phase.steps_per_epoch:
                 path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, False, runner)
-                raise StopRequested(stop_code, path)
+                if stop_code:
+                    raise StopRequested(stop_code, path)
         bar.close()
 
         # ---- end of epoch
@@ -417,9 +402,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
         last = progress.epoch == phase.epochs
         due = (cfg.validate_every and progress.epoch % cfg.validate_every == 0) or (last and phase.name == "train")
         if due and val_loader is not None:
-            runner.sync_model()
-            result = evaluate(model, val_loader, device, cfg.precision, cfg.channels_last)
-            result = ctx.reduce_eval(result)
+            result = validate(cfg, ctx, model, runner, val_loader)
             record.update(val_top1=result["top1"], val_top5=result["top5"], val_loss=result["loss"], val_weights="raw")
             train_mode(model, phase.frozen)
         if log is not None:
@@ -526,22 +509,14 @@ def restore(state: dict, model: nn.Module, phase: Phase, scaler) -> None:
 # ---------------------------------------------------------------------------- helpers
 
 
-def open_dataset(cfg: TrainConfig, split: str, transform, resolution: int, draft: int | None = None):
-    return open_split(cfg.data, split, transform, cfg.data_path, cfg.strict_images, resolution,
-                      cfg.num_classes or 1000, cfg.generated_size if split == "train" else max(cfg.generated_size // 4, 1),
-                      draft)
-
-
 def set_phase_preprocessing(train_set, cfg: TrainConfig, phase: Phase) -> None:
     """Training crops for the main phase; test-time crops (at the test resolution) for fine-tuning."""
-    if isinstance(train_set, GeneratedDataset):
-        train_set.resolution = phase.resolution
-    elif phase.test_preprocessing:
-        train_set.transform = eval_transform(phase.resolution, cfg.crop_pct)
-        train_set.draft_short_side = eval_resize_size(phase.resolution, cfg.crop_pct)
+    if phase.test_preprocessing:
+        set_preprocessing(train_set, phase.resolution, eval_transform(phase.resolution, cfg.crop_pct),
+                          eval_resize_size(phase.resolution, cfg.crop_pct))
     else:
-        train_set.transform = train_transform(phase.resolution, cfg.min_crop_area, cfg.hflip)
-        train_set.draft_short_side = phase.resolution
+        set_preprocessing(train_set, phase.resolution,
+                          train_transform(phase.resolution, cfg.min_crop_area, cfg.hflip), phase.resolution)
 
 
 def steps_per_epoch(cfg: TrainConfig, dataset_length: int, micro_batch: int, ctx: parallel.Context) -> int:
@@ -556,14 +531,24 @@ def steps_per_epoch(cfg: TrainConfig, dataset_length: int, micro_batch: int, ctx
     return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
 
 
-def report_validation(cfg, ctx, log, progress: Progress, model, runner, loader, label: str) -> dict:
+def validate(cfg, ctx, model, runner, loader) -> dict:
+    """Top-1/top-5/loss of the current weights (every pipeline stage's part synced), over all replicas."""
     runner.sync_model()
-    result = ctx.reduce_eval(evaluate(model, loader, ctx.device, cfg.precision, cfg.channels_last))
+    return ctx.reduce_eval(evaluate(model, loader, ctx.device, cfg.precision, cfg.channels_last))
+
+
+def report_validation(cfg, ctx, log, progress: Progress, model, runner, loader, label: str) -> dict:
+    result = validate(cfg, ctx, model, runner, loader)
     ctx.print(f"validation ({label} weights): top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} %, "
               f"loss {result['loss']:.4f}")
     if log is not None:
         log.log(dict(event="validation", weights=label, step=progress.step, **result))
     return result
+
+
+def make_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (starting at 128, as the paper); a no-op otherwise."""
+    return torch.amp.GradScaler(device.type, init_scale=128.0, enabled=cfg.precision == "fp16")
 
 
 def seed_everything(seed: int) -> None:
@@ -589,7 +574,10 @@ class SignalStopper:
         self.code = code
         print("stop requested: writing a checkpoint at the next step", file=sys.stderr)
 
-    def restore(self) -> None:
+    def __enter__(self) -> SignalStopper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 

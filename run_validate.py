@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import parallel
-from datasets import DataError, SeededSampler, eval_transform, make_loader, open_split
+from datasets import DataError, SeededSampler, eval_transform, make_loader
 from models import create_model
 from models.flops import count_macs
 from training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
@@ -39,6 +39,7 @@ from training.config import (
     native_resolution,
     parse_dataclass,
 )
+from training.data import open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
 from training.measure import inference_throughput, peak_memory_bytes
 
@@ -198,15 +199,11 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None) -> 
                               f"{str(error).splitlines()[0]}") from None
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
-    val_set = open_split(cfg.data, "validation", None, cfg.data_path, cfg.strict_images, native_resolution(cfg),
-                         num_classes, max(cfg.generated_size // 4, 1))
+    val_set = open_dataset(cfg, "validation", native_resolution(cfg), num_classes)
     rows = []
     for resolution in resolutions or [native_resolution(cfg)]:
         started = time.perf_counter()
-        if hasattr(val_set, "transform"):
-            val_set.transform = eval_transform(resolution, cfg.crop_pct)
-        else:
-            val_set.resolution = resolution
+        set_preprocessing(val_set, resolution, eval_transform(resolution, cfg.crop_pct))
         loader = make_loader(val_set, args.batch_size, SeededSampler(len(val_set), cfg.seed, shuffle=False),
                              cfg.workers)
         tested = model

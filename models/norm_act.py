@@ -57,9 +57,6 @@ class ScaleOnlyGroupNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(channels))
 
-    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return self(x), None, None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x, self.num_groups, self.weight, None, self.eps)
 

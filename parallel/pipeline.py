@@ -98,7 +98,6 @@ class PipelineRunner:
         self.schedule_class = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         self.schedules: dict[int, object] = {}
         self.window: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.forward_module = model
 
     @property
     def is_last(self) -> bool:

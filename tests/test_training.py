@@ -26,7 +26,7 @@ from training.config import (
     resolve_config,
 )
 from training.mixing import BatchMixer, FixedCutMix
-from training.optim import LRSchedule, RMSpropTF, build_optimizer, parameter_groups
+from training.optim import LRSchedule, RMSpropTF, build_optimizer, optimizer_from_config, parameter_groups
 
 
 def _only_run(root: Path) -> Path:
@@ -155,8 +155,7 @@ def test_every_config_builds_and_takes_a_training_step(name: str) -> None:
     check_config(cfg)
     torch.manual_seed(0)
     model = create_model(cfg.model, **model_overrides(cfg, 10))
-    opt = build_optimizer(cfg.optimizer, parameter_groups(model, cfg.weight_decay, cfg.proxy_weight_decay), 0.01,
-                          cfg.momentum, cfg.nesterov, cfg.rmsprop_decay, cfg.optimizer_eps)
+    opt = optimizer_from_config(cfg, model, 0.01)
     images, labels = BatchMixer(10, cfg.mixup_alpha, cfg.cutmix_lambda)(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
     loss = torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
     loss.backward()

@@ -81,6 +81,12 @@ def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def optimizer_from_config(cfg, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The optimizer a TrainConfig names, over `parameter_groups` with its weight decays."""
+    groups = parameter_groups(model, cfg.weight_decay, cfg.proxy_weight_decay)
+    return build_optimizer(cfg.optimizer, groups, lr, cfg.momentum, cfg.nesterov, cfg.rmsprop_decay, cfg.optimizer_eps)
+
+
 @dataclass
 class LRSchedule:
     """LR multiplier at optimizer step `step` (0-based), for torch's LambdaLR.

@@ -1,0 +1,30 @@
+"""Opening a run's datasets from its config, and switching their preprocessing between phases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from datasets import GeneratedDataset, open_split
+
+from .config import TrainConfig
+
+
+def open_dataset(cfg: TrainConfig, split: str, resolution: int,
+                 num_classes: int | None = None) -> torch.utils.data.Dataset:
+    """The split named by the config's data options, preprocessing unset (see set_preprocessing).
+    Generated data has `generated_size` training samples and a quarter as many for validation."""
+    size = cfg.generated_size if split == "train" else max(cfg.generated_size // 4, 1)
+    return open_split(cfg.data, split, None, cfg.data_path, cfg.strict_images, resolution,
+                      num_classes or cfg.num_classes or 1000, size)
+
+
+def set_preprocessing(dataset: torch.utils.data.Dataset, resolution: int, transform: Callable,
+                      draft_short_side: int | None = None) -> None:
+    """Images: this transform (and JPEG draft size). Generated data: tensors at this resolution."""
+    if isinstance(dataset, GeneratedDataset):
+        dataset.resolution = resolution
+    else:
+        dataset.transform = transform
+        dataset.draft_short_side = draft_short_side
