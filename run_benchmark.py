@@ -41,6 +41,7 @@ from training.config import (
     resolve_config,
 )
 from training.evaluate import autocast_context
+from training.host_memory import retain_freed_memory
 from training.measure import median_step_seconds, peak_memory_bytes
 from training.optim import optimizer_from_config
 
@@ -53,6 +54,7 @@ class BenchmarkConfig:
     warmup_steps: int = 2
     timed_steps: int = 5
     threads: int | None = None  # torch intra-op threads (None: PyTorch's default)
+    retain_host_memory: bool = True  # keep freed host memory for reuse (see training/host_memory.py)
     device: str = "auto"
     num_classes: int = 1000
     # data mode
@@ -237,11 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    retained = args.retain_host_memory and retain_freed_memory()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()} | "
           f"{torch.get_num_threads()} threads | torch {torch.__version__} | device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + f" | host memory {'retained' if retained else 'returned to the OS'}")
     if args.mode == "data":
         result = benchmark_loader(args)
         print(f"{result['row']}: {result['images_per_s']:.1f} images/s, "

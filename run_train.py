@@ -52,6 +52,7 @@ from training.config import (
 from training.data import open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
 from training.finetune import check_layer_name, freeze_before, train_mode
+from training.host_memory import retain_freed_memory
 from training.metrics import MetricsLog
 from training.mixing import BatchMixer
 from training.optim import LRSchedule, optimizer_from_config, parameter_groups
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv, description=__doc__)
         check_config(cfg)
         check_before_work(cfg)
+        if cfg.retain_host_memory:
+            retain_freed_memory()
         ctx = parallel.setup(cfg)
         run_dir, state, state_path = find_run(cfg, ctx)
         if state is not None:

@@ -41,6 +41,7 @@ from training.config import (
 )
 from training.data import open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
+from training.host_memory import retain_freed_memory
 from training.measure import inference_throughput, peak_memory_bytes
 
 WEIGHTS = {"raw": "model", "ema": "ema", "averaged": "epoch_average"}
@@ -66,6 +67,7 @@ class ValidateConfig:
     output_prefix: str | None = None  # CSV/JSON path prefix; None: <run folder>/sweep-<time>
     plot: str | None = None  # PNG file: accuracy vs images/s and vs GMACs
     progress: bool = True
+    retain_host_memory: bool = True  # keep freed host memory for reuse (see training/host_memory.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                                __doc__)
         resolutions = parse_resolutions(args)
         check_args(args)
+        if args.retain_host_memory:
+            retain_freed_memory()
         sources = find_sources(Path(args.checkpoint))
         rows = []
         for source in sources:

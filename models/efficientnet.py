@@ -16,7 +16,90 @@ from torchvision.ops import StochasticDepth
 
 from .config import EfficientNetConfig, NormConfig, spatial_conv_groups
 from .norm_act import Role, make_norm_act
-from .proxy_norm import ProxyNormAct
+from .proxy_norm import ProxyNormAct, ProxyTable, proxy_table
+
+InputAffine = tuple[torch.Tensor, torch.Tensor]  # per-channel (scale, shift) owed by a tensor
+
+
+def apply_affine(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
+    """x·scale + shift, per channel (dimension 1); scale None means 1."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    shift = shift.to(x.dtype).view(shape)
+    return x + shift if scale is None else torch.addcmul(shift, x, scale.to(x.dtype).view(shape))
+
+
+def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """conv(x·scale + shift) for per-channel scale and shift, without forming x·scale + shift.
+
+    The scale goes into the weights. The shift's response is a constant per output channel (a conv
+    bias, free) except where the kernel overlaps the zero padding: there, a correction taken from
+    one conv of a 1-sample constant input is added to the border rows and columns only.
+    """
+    groups = conv.groups
+    out_channels, in_per_group = conv.weight.shape[:2]
+    per_weight = (groups, 1, in_per_group)
+    weight_scale = scale.view(per_weight).expand(groups, out_channels // groups, in_per_group)
+    weight = conv.weight * weight_scale.reshape(out_channels, in_per_group, 1, 1).to(conv.weight.dtype)
+    weight_shift = shift.view(per_weight).expand(groups, out_channels // groups, in_per_group)
+    interior = (conv.weight * weight_shift.reshape(out_channels, in_per_group, 1, 1)).sum((1, 2, 3))
+    bias = interior if conv.bias is None else conv.bias + interior
+    out = F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, groups)
+    constant = shift.view(1, -1, 1, 1).expand(1, -1, *x.shape[2:]).to(x.dtype).contiguous()
+    response = F.conv2d(constant, conv.weight, None, conv.stride, conv.padding, conv.dilation, groups)
+    correction = (response - interior.view(1, -1, 1, 1)).to(out.dtype)
+    rows, cols = (
+        _padded_border(x.shape[2 + i], out.shape[2 + i], conv.kernel_size[i], conv.stride[i], conv.padding[i],
+                       conv.dilation[i])
+        for i in (0, 1)
+    )
+    if torch.compiler.is_compiling() or rows is None or cols is None:
+        return out + correction  # Inductor fuses the add; or all positions touch the padding anyway
+    return AddAtBorder.apply(out, correction, rows, cols)
+
+
+def _padded_border(size_in: int, size_out: int, kernel: int, stride: int, padding: int | str,
+                   dilation: int) -> tuple[int, int] | None:
+    """(first, last): how many output rows (or columns) at each end see the zero padding; None
+    when they cover the whole output."""
+    if not isinstance(padding, int):
+        return None
+    first = -(-padding // stride)  # i·stride − padding < 0
+    last_inside = (size_in - 1 + padding - (kernel - 1) * dilation) // stride
+    last = size_out - 1 - last_inside
+    return (first, last) if first + last < size_out else None
+
+
+class AddAtBorder(torch.autograd.Function):
+    """out[border] += correction[border], in place, for a correction that is 0 in the interior.
+
+    The gradient of `out` passes through untouched, and the correction's gradient is the batch sum
+    on the border strips: no full-size pass either way, unlike `out + correction`.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, correction: torch.Tensor, rows: tuple[int, int],
+                cols: tuple[int, int]) -> torch.Tensor:
+        height, width = out.shape[2:]
+        (top, bottom), (left, right) = rows, cols
+        middle = slice(top, height - bottom)
+        strips = [(slice(0, top), slice(None)), (slice(height - bottom, height), slice(None)),
+                  (middle, slice(0, left)), (middle, slice(width - right, width))]
+        ctx.strips = [(h, w) for h, w in strips if out[:, :, h, w].numel()]
+        ctx.correction_dtype = correction.dtype
+        for h, w in ctx.strips:
+            out[:, :, h, w] += correction[:, :, h, w]
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_correction = None
+        if ctx.needs_input_grad[1]:
+            grad_correction = grad.new_zeros((1, *grad.shape[1:]), dtype=ctx.correction_dtype)
+            accumulate = torch.promote_types(grad.dtype, torch.float32)  # batch sums in >= fp32
+            for h, w in ctx.strips:
+                grad_correction[:, :, h, w] = grad[:, :, h, w].sum(0, keepdim=True, dtype=accumulate)
+        return grad, grad_correction, None, None
 
 
 class ConvNormAct(nn.Module):
@@ -36,34 +119,42 @@ class ConvNormAct(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False)
         self.norm_act = make_norm_act(norm, out_channels, role)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_act(self.conv(x))
+    def forward(self, x: torch.Tensor, table: ProxyTable | None = None,
+                input_affine: InputAffine | None = None) -> torch.Tensor:
+        return self.norm_act(self.apply_conv(x, input_affine), table)
 
-    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def forward_split(
+        self, x: torch.Tensor, table: ProxyTable | None = None, input_affine: InputAffine | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(activation, mean, inv_std): the output is (activation − mean)·inv_std, left to the caller."""
-        return self.norm_act.forward_split(self.conv(x))
+        return self.norm_act.forward_split(self.apply_conv(x, input_affine), table)
 
+    def apply_conv(self, x: torch.Tensor, input_affine: InputAffine | None = None) -> torch.Tensor:
+        """conv(x), or conv(x·scale + shift) for `input_affine` = (scale, shift), without forming it."""
+        return self.conv(x) if input_affine is None else conv_with_input_affine(self.conv, x, *input_affine)
 
-def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """conv(x·scale + shift) for per-channel scale and shift, without touching x: the scale goes
-    into the weights, and the shift's response (a per-position bias map, the same for every sample,
-    border effects of the zero padding included) is one conv of a 1-sample constant input."""
-    groups = conv.groups
-    out_channels, in_per_group = conv.weight.shape[:2]
-    weight_scale = scale.view(groups, 1, in_per_group).expand(groups, out_channels // groups, in_per_group)
-    weight = conv.weight * weight_scale.reshape(out_channels, in_per_group, 1, 1).to(conv.weight.dtype)
-    out = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, groups)
-    constant = shift.view(1, -1, 1, 1).expand(1, -1, *x.shape[2:]).to(x.dtype).contiguous()
-    return out + F.conv2d(constant, conv.weight, None, conv.stride, conv.padding, conv.dilation, groups)
+    def forward_for_conv(
+        self, x: torch.Tensor, table: ProxyTable | None, input_affine: InputAffine | None, fold: bool
+    ) -> tuple[torch.Tensor, InputAffine | None]:
+        """(a, affine) such that this layer's output is a·scale + shift, affine = (scale, shift).
+
+        With `fold` and a full Proxy Norm, its (φ(y) − μ̃)/σ̃ is left as an affine for the next conv
+        to fold into its weights (two elementwise passes fewer each way); otherwise affine is None.
+        """
+        norm_act = self.norm_act
+        if fold and isinstance(norm_act, ProxyNormAct) and not norm_act.centre_only:
+            activated, mean, inv_std = self.forward_split(x, table, input_affine)
+            return activated, (inv_std, -mean * inv_std)
+        return self(x, table, input_affine), None
 
 
 class SqueezeExcite(nn.Module):
     """Channel gate from pooled features.
 
     With Proxy Norm before it, the input arrives uncentred with its per-channel `mean` (μ̃) and
-    `inv_std` (1/σ̃) owed: the gate is computed from the centred input, and centring and scale are
-    applied in the same multiply as the gate, (x − μ̃)·gate/σ̃ = x·G − μ̃·G, one pass over the
-    largest tensors of the block instead of three.
+    `inv_std` (1/σ̃) owed: the gate is computed from the centred input, and the scale goes into the
+    gate, (x − μ̃)·gate/σ̃ = x·G − μ̃·G. `forward_split` returns the two terms apart: −μ̃·G is
+    constant over positions, so the block adds it after the 1×1 projection, to a smaller tensor.
     """
 
     def __init__(self, channels: int, squeeze_channels: int) -> None:
@@ -72,8 +163,9 @@ class SqueezeExcite(nn.Module):
         self.act = nn.SiLU(inplace=True)
         self.expand = nn.Conv2d(squeeze_channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, mean: torch.Tensor | None = None,
-                inv_std: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_split(self, x: torch.Tensor, mean: torch.Tensor | None = None,
+                      inv_std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x·G, offset): the gated output is x·G + offset, offset (N × C × 1 × 1) None without μ̃."""
         pooled = x.mean((2, 3), keepdim=True)
         if mean is not None:
             mean = mean.to(x.dtype).view(1, -1, 1, 1)
@@ -81,9 +173,12 @@ class SqueezeExcite(nn.Module):
         gate = torch.sigmoid(self.expand(self.act(self.reduce(pooled))))
         if inv_std is not None:
             gate = gate * inv_std.to(gate.dtype).view(1, -1, 1, 1)
-        if mean is None:
-            return x * gate
-        return torch.addcmul(-mean * gate, x, gate)
+        return x * gate, None if mean is None else -mean * gate
+
+    def forward(self, x: torch.Tensor, mean: torch.Tensor | None = None,
+                inv_std: torch.Tensor | None = None) -> torch.Tensor:
+        gated, offset = self.forward_split(x, mean, inv_std)
+        return gated if offset is None else gated + offset
 
 
 class MBConv(nn.Module):
@@ -110,17 +205,23 @@ class MBConv(nn.Module):
         self.has_residual = stride == 1 and in_channels == out_channels
         self.drop_path = StochasticDepth(drop_path, "row") if self.has_residual else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and isinstance(self.expand, ConvNormAct) and isinstance(self.expand.norm_act, ProxyNormAct):
-            # the expansion's Proxy Norm (φ(y) − μ̃)/σ̃ is folded into the spatial conv (linear): two
-            # elementwise passes fewer each way. Training only: its shift conv costs one sample's worth
-            # of conv per batch, which pays for itself at training batch sizes, not at batch 1
-            activated, mean, inv_std = self.expand.forward_split(x)
-            spatial_in = conv_with_input_affine(self.spatial.conv, activated, inv_std, -mean * inv_std)
-            out = self.se(*self.spatial.norm_act.forward_split(spatial_in))
-        else:
-            out = self.se(*self.spatial.forward_split(self.expand(x)))
-        out = self.project(out)
+    def forward(self, x: torch.Tensor, table: ProxyTable | None = None,
+                input_affine: InputAffine | None = None) -> torch.Tensor:
+        """`input_affine` = (scale, shift): the block's input is really x·scale + shift per channel,
+        a Proxy Norm the layer before left for this block's first conv to apply."""
+        if input_affine is not None and self.has_residual:  # the residual needs the real input
+            x, input_affine = apply_affine(x, *input_affine), None
+        hidden, pending = x, input_affine
+        if isinstance(self.expand, ConvNormAct):
+            # in training, the expansion's Proxy Norm goes into the spatial conv. Training only: the
+            # fold's shift conv costs one sample's worth of conv per batch, which pays for itself at
+            # training batch sizes, not at batch 1
+            hidden, pending = self.expand.forward_for_conv(hidden, table, pending, fold=self.training)
+        gated, offset = self.se.forward_split(*self.spatial.forward_split(hidden, table, pending))
+        projected = self.project.conv(gated)
+        if offset is not None:  # a 1×1 conv of a per-sample constant is one: add it after the conv
+            projected = projected + self.project.conv(offset)
+        out = self.project.norm_act(projected, table)
         if self.has_residual:
             out = self.drop_path(out) + x
         return out
@@ -177,8 +278,33 @@ class EfficientNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def proxy_table(self) -> ProxyTable | None:
+        """All Proxy Norm moments of this forward pass, computed together (see `proxy_table`).
+        None without Proxy Norm, and under torch.compile, which fuses the per-layer ops itself."""
+        if torch.compiler.is_compiling():
+            return None
+        layers = [module for module in self.modules() if isinstance(module, ProxyNormAct)]
+        return proxy_table(layers) if layers else None
+
+    def forward_trunk(self, x: torch.Tensor, table: ProxyTable | None) -> torch.Tensor:
+        """Stem and blocks. In training, the stem's Proxy Norm is folded into the first block's conv."""
+        x, pending = self.stem.forward_for_conv(x, table, None, fold=self.training)
+        for stage in self.blocks:
+            for block in stage:
+                x, pending = block(x, table, pending), None
+        return x
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        table = self.proxy_table()
+        return self.head(self.forward_trunk(x, table), table)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.forward_features(x)), 1))
+        table = self.proxy_table()
+        features, mean, inv_std = self.head.forward_split(self.forward_trunk(x, table), table)
+        pooled = torch.flatten(self.pool(features), 1)
+        if mean is not None:
+            # the head's Proxy Norm is per channel, so it commutes with the average pool: applied
+            # to N × C values instead of the N × C × H × W feature map
+            scale = None if self.head.norm_act.centre_only else inv_std
+            pooled = apply_affine(pooled, scale, -mean if scale is None else -mean * scale)
+        return self.classifier(pooled)

@@ -5,6 +5,8 @@
   role "spatial"  grouped/depthwise conv: norm + SiLU (+ Proxy Norm centring; scale goes to the SE)
   role "project"  projection conv: norm only (with Proxy Norm: scale but no shift)
   role "head"     final 1x1 conv: norm + SiLU (+ Proxy Norm centring only)
+Every such layer takes an optional `table` of precomputed Proxy Norm moments (see
+`proxy_norm.proxy_table`); layers without Proxy Norm ignore it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NormConfig
-from .proxy_norm import ProxyNormAct
+from .proxy_norm import ProxyNormAct, ProxyTable
 
 Role = Literal["act", "spatial", "project", "head"]
 _ACT_MODULES: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "relu": nn.ReLU}
@@ -38,13 +40,13 @@ class NormAct(nn.Module):
         else:
             raise ValueError(f"activation must be one of {', '.join(_ACT_MODULES)}, got {activation!r}")
 
-    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def forward_split(self, x: torch.Tensor, table: ProxyTable | None = None) -> tuple[torch.Tensor, None, None]:
         return self(x), None, None
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, table: ProxyTable | None = None) -> torch.Tensor:
         return self.act(self.norm(x))
 
 
@@ -57,7 +59,7 @@ class ScaleOnlyGroupNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, table: ProxyTable | None = None) -> torch.Tensor:
         return F.group_norm(x, self.num_groups, self.weight, None, self.eps)
 
     def extra_repr(self) -> str:

@@ -35,10 +35,56 @@ def proxy_moments(
     quantiles: torch.Tensor,
     activation: str = "silu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and population variance of φ(γ·Y + β) with Y = (1 + γ̃)·U + β̃."""
-    proxy = (1.0 + proxy_gamma).unsqueeze(1) * quantiles.unsqueeze(0) + proxy_beta.unsqueeze(1)
-    activated = ACTIVATIONS[activation](gamma.unsqueeze(1) * proxy + beta.unsqueeze(1))
-    return activated.mean(dim=1), activated.var(dim=1, unbiased=False)
+    """Per-channel mean and population variance of φ(γ·Y + β) with Y = (1 + γ̃)·U + β̃.
+
+    Written as φ(a·U + b) with a = γ·(1 + γ̃), b = γ·β̃ + β, in few ops: this runs every step.
+    """
+    slope = torch.addcmul(gamma, gamma, proxy_gamma)
+    offset = torch.addcmul(beta, gamma, proxy_beta)
+    activated = ACTIVATIONS[activation](torch.addcmul(offset.unsqueeze(1), slope.unsqueeze(1), quantiles))
+    mean = activated.mean(dim=1, keepdim=True)
+    centred = activated - mean  # two-pass variance: torch.var(_mean) is 4x slower here on CPU
+    return mean.squeeze(1), (centred * centred).mean(dim=1)
+
+
+ProxyTable = dict  # ProxyNormAct -> (μ̃, 1/sqrt(σ̃² + ε)), precomputed for one forward pass
+
+
+def _full_precision(tensor: torch.Tensor):
+    """(dtype, context) to compute moments in at least fp32, whatever autocast does."""
+    dtype = torch.promote_types(tensor.dtype, torch.float32)
+    device_type = tensor.device.type
+    context = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else nullcontext()
+    return dtype, context
+
+
+def proxy_table(layers: list[ProxyNormAct]) -> ProxyTable:
+    """μ̃ and 1/σ̃ of many Proxy Norm layers, from one evaluation over their concatenated channels.
+
+    Each layer's moments are a C × 200 computation: per-op overhead, not arithmetic, is their cost,
+    and B0 has 33 such layers. Batched, a training step spends a dozen small ops on them instead of
+    several hundred (forward and backward). Layers that differ in activation, ε, quantile count,
+    device or dtype are batched separately.
+    """
+    groups: dict[tuple, list[ProxyNormAct]] = {}
+    for layer in layers:
+        key = (layer.activation, layer.proxy_eps, layer.quantiles.numel(), layer.weight.device, layer.weight.dtype)
+        groups.setdefault(key, []).append(layer)
+    table: ProxyTable = {}
+    for (activation, proxy_eps, *_), members in groups.items():
+        first = members[0]
+        dtype, context = _full_precision(first.weight)
+        with context:
+            params = [
+                torch.cat([getattr(layer, name) for layer in members]).to(dtype)
+                for name in ("weight", "bias", "proxy_gamma", "proxy_beta")
+            ]
+            mean, var = proxy_moments(*params, first.quantiles.to(dtype), activation)
+            inv_std = torch.rsqrt(var + proxy_eps)
+        sizes = [layer.weight.numel() for layer in members]
+        for layer, layer_mean, layer_inv_std in zip(members, mean.split(sizes), inv_std.split(sizes)):
+            table[layer] = (layer_mean, layer_inv_std)
+    return table
 
 
 _ACTIVATION_BACKWARD = {
@@ -118,10 +164,8 @@ class ProxyNormAct(nn.Module):
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """μ̃ and σ̃² per channel, in at least fp32 whatever autocast does (C × N elements: cheap)."""
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        device_type = self.weight.device.type
-        no_autocast = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else nullcontext()
-        with no_autocast:
+        dtype, context = _full_precision(self.weight)
+        with context:
             return proxy_moments(
                 self.weight.to(dtype),
                 self.bias.to(dtype),
@@ -131,20 +175,29 @@ class ProxyNormAct(nn.Module):
                 self.activation,
             )
 
-    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(φ(y), μ̃, 1/σ̃): the normalised output (φ(y) − μ̃)/σ̃ left for the consumer to finish in
-        an op it runs anyway (the SE gate), whatever `centre_only` says."""
+    def affine(self, table: ProxyTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ̃, 1/sqrt(σ̃² + ε)): from `table` when the model precomputed it, else computed here."""
+        if table is not None and self in table:
+            return table[self]
         mean, var = self.moments()
-        return ACTIVATIONS[self.activation](self.pre_activation(x)), mean, torch.rsqrt(var + self.proxy_eps)
+        return mean, torch.rsqrt(var + self.proxy_eps)
+
+    def forward_split(
+        self, x: torch.Tensor, table: ProxyTable | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(φ(y), μ̃, 1/σ̃): the normalised output (φ(y) − μ̃)/σ̃ left for the consumer to finish in
+        an op it runs anyway (a conv, the SE gate, the pooling), whatever `centre_only` says."""
+        mean, inv_std = self.affine(table)
+        return ACTIVATIONS[self.activation](self.pre_activation(x)), mean, inv_std
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         """γ·norm(x) + β: what the activation sees."""
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, table: ProxyTable | None = None) -> torch.Tensor:
         y = self.pre_activation(x)
-        mean, var = self.moments()
-        scale = None if self.centre_only else torch.rsqrt(var + self.proxy_eps)
+        mean, inv_std = self.affine(table)
+        scale = None if self.centre_only else inv_std
         shift = -mean if scale is None else -mean * scale  # (φ(y) − μ̃)·s = φ(y)·s + (−μ̃·s)
         if torch.compiler.is_compiling():
             # under torch.compile the plain formula lets Inductor fuse these passes into one kernel

@@ -15,7 +15,7 @@ from models import FAMILY, VARIANTS, count_parameters, create_model, is_proxy_pa
 from models.analysis import collapse_profile
 from models.config import NormConfig, round_channels, spatial_conv_groups
 from models.flops import count_macs
-from models.proxy_norm import ProxyNormAct, proxy_moments, proxy_quantiles
+from models.proxy_norm import ProxyNormAct, proxy_moments, proxy_quantiles, proxy_table
 
 TINY = dict(width=0.25, depth=0.34, num_classes=10, dropout=0.0, stochastic_depth=0.0)
 
@@ -368,3 +368,112 @@ def test_spatial_proxy_norm_folded_into_se_matches_reference_formula() -> None:
     reference = block.project(centred * gate / torch.sqrt(var.view(1, -1, 1, 1) + 0.03)) + x
     torch.testing.assert_close(block(x), reference)
     torch.testing.assert_close(trained_path, reference)
+
+
+def test_batched_proxy_table_equals_each_layers_own_moments() -> None:
+    """One evaluation over all layers' channels gives each layer's (μ̃, 1/σ̃) and their gradients,
+    also when layers differ in activation and ε (batched separately)."""
+    torch.manual_seed(0)
+    layers = [ProxyNormAct(c, num_groups=1, activation=a, proxy_eps=e).double()
+              for c, a, e in [(4, "silu", 0.03), (6, "relu", 0.03), (3, "silu", 0.03), (5, "silu", 0.1)]]
+    for layer in layers:
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    params = [p for layer in layers for p in layer.parameters()]
+    weights = [torch.randn(2, layer.weight.numel(), dtype=torch.float64) for layer in layers]
+
+    def loss(pairs):
+        return sum((w[0] * m).sum() + (w[1] * s).sum() for w, (m, s) in zip(weights, pairs))
+
+    table = proxy_table(layers)
+    batched = torch.autograd.grad(loss([table[layer] for layer in layers]), params)
+    own_pairs = []
+    for layer in layers:
+        mean, var = layer.moments()
+        own_pairs.append((mean, 1 / torch.sqrt(var + layer.proxy_eps)))
+        torch.testing.assert_close(table[layer][0], own_pairs[-1][0])
+        torch.testing.assert_close(table[layer][1], own_pairs[-1][1])
+    own = torch.autograd.grad(loss(own_pairs), params)
+    for a, b in zip(batched, own):
+        torch.testing.assert_close(a, b)
+
+
+def _reference_model_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """EfficientNet with LN + Proxy Norm written out layer by layer with the plain formula:
+    every Proxy Norm computes its own moments and is applied where it sits, nothing folded."""
+    silu = torch.nn.functional.silu
+
+    def proxy_norm(layer: ProxyNormAct, h: torch.Tensor, centre_only: bool) -> torch.Tensor:
+        mean, var = layer.moments()
+        z = silu(torch.nn.functional.group_norm(h, layer.num_groups, layer.weight, layer.bias, layer.eps))
+        z = z - mean.view(1, -1, 1, 1)
+        return z if centre_only else z / torch.sqrt(var.view(1, -1, 1, 1) + layer.proxy_eps)
+
+    h = proxy_norm(model.stem.norm_act, model.stem.conv(x), centre_only=False)
+    for stage in model.blocks:
+        for block in stage:
+            inp = h
+            if isinstance(block.expand, torch.nn.Identity):
+                expanded = inp
+            else:
+                expanded = proxy_norm(block.expand.norm_act, block.expand.conv(inp), centre_only=False)
+            spatial = block.spatial.norm_act
+            centred = proxy_norm(spatial, block.spatial.conv(expanded), centre_only=True)
+            se = block.se
+            gate = torch.sigmoid(se.expand(silu(se.reduce(centred.mean((2, 3), keepdim=True)))))
+            gated = centred * gate / torch.sqrt(spatial.moments()[1].view(1, -1, 1, 1) + spatial.proxy_eps)
+            h = block.project(gated)
+            if block.has_residual:
+                h = h + inp
+    features = proxy_norm(model.head.norm_act, model.head.conv(h), centre_only=True)
+    return model.classifier(features.mean((2, 3)))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_model_with_folded_proxy_norm_matches_layer_by_layer_formula(training: bool) -> None:
+    """The model's forward (moments batched over all layers; in training, the stem's and the
+    expansions' Proxy Norms folded into the next conv; the head's centring applied after pooling)
+    gives the values and gradients of the plain layer-by-layer formula."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b1", **VARIANTS["g16-lnpn"], **TINY).double().train(training)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm_act" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(2, 3, 36, 36, dtype=torch.float64)
+    out = model(x)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), list(model.parameters()))
+    reference = _reference_model_forward(model, x)
+    reference_grads = torch.autograd.grad((reference * weights).sum(), list(model.parameters()))
+    torch.testing.assert_close(out, reference)
+    for (name, _), got, expected in zip(model.named_parameters(), grads, reference_grads):
+        torch.testing.assert_close(got, expected, msg=name)
+    features = model.forward_features(x)
+    torch.testing.assert_close(model.classifier(features.mean((2, 3))), reference)
+
+
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2), (5, 1), (5, 2)])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 8, 11])
+def test_conv_with_input_affine_equals_conv_of_affine_input(kernel: int, stride: int, size: int) -> None:
+    """conv(x·s + b), with the shift's response as a bias plus border corrections, equals the conv
+    of the formed input, values and gradients, for every border geometry and both layouts."""
+    from models.efficientnet import conv_with_input_affine
+
+    torch.manual_seed(size * 31 + kernel * 7 + stride)
+    conv = torch.nn.Conv2d(8, 8, kernel, stride, kernel // 2, groups=2, bias=False).double()
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 8, size, size + 1, dtype=torch.float64).contiguous(memory_format=memory_format)
+        scale = torch.rand(8, dtype=torch.float64) + 0.5
+        shift = torch.randn(8, dtype=torch.float64)
+        inputs = [t.clone().requires_grad_() for t in (x, scale, shift)]
+        folded = conv_with_input_affine(conv, *inputs)
+        weights = torch.randn_like(folded)
+        folded_grads = torch.autograd.grad((folded * weights).sum(), [*inputs, conv.weight])
+        plain = [t.clone().requires_grad_() for t in (x, scale, shift)]
+        direct = conv(plain[0] * plain[1].view(1, -1, 1, 1) + plain[2].view(1, -1, 1, 1))
+        direct_grads = torch.autograd.grad((direct * weights).sum(), [*plain, conv.weight])
+        torch.testing.assert_close(folded, direct)
+        for got, expected in zip(folded_grads, direct_grads):
+            torch.testing.assert_close(got, expected)

@@ -96,6 +96,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    retain_host_memory: bool = True  # keep freed host memory for reuse (no per-step page faults)
 
     # ---- parallel (see parallel/)
     replicas: int = 1
@@ -124,7 +125,7 @@ class TrainConfig:
 RUN_CONTROL = (
     "config", "resume", "stop_after_steps", "progress", "wandb", "wandb_project", "workers", "output_dir",
     "run_name", "checkpoint_every_steps", "keep_checkpoints", "device", "replicas", "pipeline_splits",
-    "pipeline_schedule",
+    "pipeline_schedule", "retain_host_memory",
 )
 
 CHOICES: dict[str, tuple[str, ...]] = {
