@@ -11,18 +11,19 @@ timm:MODEL[@RES]; precision, memory format and compile default to the config's. 
 runs warm-up steps (not timed), then timed steps each synchronised and timed alone; the median is
 reported with GMACs per image, achieved GFLOP/s (a training step counted as 3 forward passes),
 that as a share of this machine's matmul peak (measured here first), and peak memory per image.
-Ratios are against the first row. Record results in docs/benchmarks.md with the command, machine
+Ratios are against the first row. `--rounds N` builds all rows first and cycles through them N
+times, so that a shared machine's drift falls on every row alike. Record results in docs/benchmarks.md with the command, machine
 and date; timed tests are not used because shared machines are noisy.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class BenchmarkConfig:
     batch_size: int = 32
     warmup_steps: int = 2
     timed_steps: int = 5
+    rounds: int = 1  # >1: cycle through all rows this many times, rows interleaved (models kept in memory)
     threads: int | None = None  # torch intra-op threads (None: PyTorch's default)
     retain_host_memory: bool = True  # keep freed host memory for reuse (see training/host_memory.py)
     device: str = "auto"
@@ -138,7 +140,18 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 204
     return 2 * size**3 / min(times) / 1e9
 
 
-def benchmark_row(row: Row, args: BenchmarkConfig, device: torch.device) -> dict:
+@dataclass
+class Prepared:
+    """One row ready to run: its model built, and `step` running one training or inference step."""
+
+    row: Row
+    step: Callable[[], None]
+    gmacs: float
+    passes: int  # forward-pass equivalents per step, for GFLOP/s
+    times: list[float] = field(default_factory=list)
+
+
+def prepare_row(row: Row, args: BenchmarkConfig, device: torch.device) -> Prepared:
     torch.manual_seed(0)
     model, cfg = build(row, args.num_classes)
     memory_format = torch.channels_last if row.channels_last else torch.contiguous_format
@@ -165,23 +178,47 @@ def benchmark_row(row: Row, args: BenchmarkConfig, device: torch.device) -> dict
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
-        passes = 3  # forward + backward (about twice the forward)
-    else:
-        model.eval()
+        return Prepared(row, step, macs, passes=3)  # forward + backward (about twice the forward)
 
-        def step() -> None:
-            with torch.inference_mode(), autocast_context(device, row.precision):
-                forward(x)
+    model.eval()
 
-        passes = 1
-    times = median_step_seconds(step, device, args.warmup_steps, args.timed_steps)
-    memory = peak_memory_bytes(step, device)
-    median = statistics.median(times)
+    def step() -> None:
+        with torch.inference_mode(), autocast_context(device, row.precision):
+            forward(x)
+
+    return Prepared(row, step, macs, passes=1)
+
+
+def result_of(prepared: Prepared, args: BenchmarkConfig, device: torch.device) -> dict:
+    """The row's figures from all its timed steps (the median), and its peak memory."""
+    row = prepared.row
+    memory = peak_memory_bytes(prepared.step, device)
+    median = statistics.median(prepared.times)
     images_per_s = args.batch_size / median
     return dict(row=row.spec, resolution=row.resolution, precision=row.precision, channels_last=row.channels_last,
-                compile=row.compile, images_per_s=images_per_s,
-                median_step_s=median, gmacs=macs, gflops=2 * macs * passes * images_per_s,
+                compile=row.compile, images_per_s=images_per_s, median_step_s=median, timed_steps=len(prepared.times),
+                gmacs=prepared.gmacs,
+                gflops=2 * prepared.gmacs * prepared.passes * images_per_s,
                 peak_mb_per_image=memory / 1e6 / args.batch_size)
+
+
+def benchmark_rows(rows: list[Row], args: BenchmarkConfig, device: torch.device) -> list[dict]:
+    """Time every row. With one round, each row is built, measured and freed in turn; with more,
+    all are built first and the rounds cycle through them, so that a shared machine's drift over
+    minutes falls on every row alike (each round repeats the row's warm-up steps)."""
+    if args.rounds == 1:
+        results = []
+        for row in rows:
+            prepared = prepare_row(row, args, device)
+            prepared.times = median_step_seconds(prepared.step, device, args.warmup_steps, args.timed_steps)
+            results.append(result_of(prepared, args, device))
+            del prepared
+        return results
+    prepared_rows = [prepare_row(row, args, device) for row in rows]
+    for _ in range(args.rounds):
+        for prepared in prepared_rows:
+            prepared.times += median_step_seconds(prepared.step, device, args.warmup_steps, args.timed_steps)
+    return [result_of(prepared, args, device) for prepared in prepared_rows]
 
 
 # ---------------------------------------------------------------------------- host data loader
@@ -231,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                                __doc__)
         if args.mode not in ("train", "inference", "data"):
             raise ConfigError(f"--mode must be train, inference or data, got {args.mode!r}")
-        if args.batch_size < 1 or args.timed_steps < 1 or args.warmup_steps < 0:
-            raise ConfigError("--batch-size and --timed-steps must be at least 1, --warmup-steps at least 0")
+        if args.batch_size < 1 or args.timed_steps < 1 or args.warmup_steps < 0 or args.rounds < 1:
+            raise ConfigError("--batch-size, --timed-steps and --rounds must be at least 1, --warmup-steps at least 0")
         rows = [parse_row(spec) for spec in args.compare] if args.mode != "data" else []
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -255,16 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {"fp32": matmul_peak_gflops(device, torch.float32), "bf16": matmul_peak_gflops(device, torch.bfloat16)}
     peaks["fp16"] = matmul_peak_gflops(device, torch.float16) if device.type == "cuda" else peaks["bf16"]
     print("# matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
-    print(f"# mode {args.mode}, batch {args.batch_size}, {args.warmup_steps} warm-up + {args.timed_steps} timed steps")
+    print(f"# mode {args.mode}, batch {args.batch_size}, {args.warmup_steps} warm-up + {args.timed_steps} timed steps"
+          + (f", {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
     # the first thing a process runs is slow (allocator, kernel caches): run the first row once untimed
-    benchmark_row(parse_row(rows[0].spec), dataclasses.replace(args, warmup_steps=1, timed_steps=1), device)
-    results = []
-    for row in rows:
-        try:
-            results.append(benchmark_row(row, args, device))
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    first = prepare_row(parse_row(rows[0].spec), args, device)
+    median_step_seconds(first.step, device, 1, 1)
+    del first
+    try:
+        results = benchmark_rows(rows, args, device)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     header = f"| {'row':<44} | res | precision | layout | img/s | ratio | GMACs/img | GFLOP/s | % peak | MB/img |"
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")

@@ -7,6 +7,7 @@ The network exposes `stem`, `blocks` (a Sequential of stages, each a Sequential 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,8 +33,9 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
     """conv(x·scale + shift) for per-channel scale and shift, without forming x·scale + shift.
 
     The scale goes into the weights. The shift's response is a constant per output channel (a conv
-    bias, free) except where the kernel overlaps the zero padding: there, a correction taken from
-    one conv of a 1-sample constant input is added to the border rows and columns only.
+    bias, free) except where the kernel overlaps the zero padding. There, a correction is added to
+    the border rows and columns only. It is computed from the per-tap sums of weight × shift and
+    which taps fall inside the input at each border row and column: small matrices, no extra conv.
     """
     groups = conv.groups
     out_channels, in_per_group = conv.weight.shape[:2]
@@ -41,20 +43,24 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
     weight_scale = scale.view(per_weight).expand(groups, out_channels // groups, in_per_group)
     weight = conv.weight * weight_scale.reshape(out_channels, in_per_group, 1, 1).to(conv.weight.dtype)
     weight_shift = shift.view(per_weight).expand(groups, out_channels // groups, in_per_group)
-    interior = (conv.weight * weight_shift.reshape(out_channels, in_per_group, 1, 1)).sum((1, 2, 3))
+    taps = (conv.weight * weight_shift.reshape(out_channels, in_per_group, 1, 1)).sum(1)  # C_out × kh × kw
+    interior = taps.sum((1, 2))
     bias = interior if conv.bias is None else conv.bias + interior
     out = F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, groups)
-    constant = shift.view(1, -1, 1, 1).expand(1, -1, *x.shape[2:]).to(x.dtype).contiguous()
-    response = F.conv2d(constant, conv.weight, None, conv.stride, conv.padding, conv.dilation, groups)
-    correction = (response - interior.view(1, -1, 1, 1)).to(out.dtype)
-    rows, cols = (
-        _padded_border(x.shape[2 + i], out.shape[2 + i], conv.kernel_size[i], conv.stride[i], conv.padding[i],
-                       conv.dilation[i])
-        for i in (0, 1)
-    )
-    if torch.compiler.is_compiling() or rows is None or cols is None:
-        return out + correction  # Inductor fuses the add; or all positions touch the padding anyway
-    return AddAtBorder.apply(out, correction, rows, cols)
+    geometry = [(x.shape[2 + i], out.shape[2 + i], conv.kernel_size[i], conv.stride[i], conv.padding[i],
+                 conv.dilation[i]) for i in (0, 1)]
+    borders = [_padded_border(*g) for g in geometry]
+    fused = torch.compiler.is_compiling() or None in borders  # Inductor fuses a plain add; or no interior
+    (row_taps, row_index), (col_taps, col_index) = (_border_taps(*g, None if fused else border)
+                                                    for g, border in zip(geometry, borders))
+    inside_rows = torch.tensor(row_taps, dtype=taps.dtype, device=taps.device)
+    inside_cols = torch.tensor(col_taps, dtype=taps.dtype, device=taps.device)
+    response = torch.einsum("ik,ckl,jl->cij", inside_rows, taps, inside_cols)
+    correction = (response - interior.view(-1, 1, 1)).unsqueeze(0).to(out.dtype)
+    if fused:
+        return out + correction
+    rows, cols = (torch.tensor(index, device=out.device) for index in (row_index, col_index))
+    return AddAtBorder.apply(out, correction.index_select(2, rows).index_select(3, cols), *borders)
 
 
 def _padded_border(size_in: int, size_out: int, kernel: int, stride: int, padding: int | str,
@@ -67,6 +73,25 @@ def _padded_border(size_in: int, size_out: int, kernel: int, stride: int, paddin
     last_inside = (size_in - 1 + padding - (kernel - 1) * dilation) // stride
     last = size_out - 1 - last_inside
     return (first, last) if first + last < size_out else None
+
+
+@functools.lru_cache(maxsize=256)
+def _border_taps(size_in: int, size_out: int, kernel: int, stride: int, padding: int, dilation: int,
+                 border: tuple[int, int] | None) -> tuple[tuple[tuple[float, ...], ...], tuple[int, ...]]:
+    """(inside, index). `inside[r][k]` is 1 where tap k of kept output row r falls inside the
+    input, else 0. With a `border` (first, last), the rows kept are the border rows and one
+    interior row, and `index` maps every output row to its kept row; without, all rows are kept."""
+    if border is None:
+        kept = list(range(size_out))
+        index = tuple(kept)
+    else:
+        first, last = border
+        kept = [*range(first + 1), *range(size_out - last, size_out)]
+        dropped = size_out - len(kept)
+        index = tuple(i if i < first else first if i < size_out - last else i - dropped for i in range(size_out))
+    inside = tuple(tuple(float(0 <= row * stride - padding + k * dilation < size_in) for k in range(kernel))
+                   for row in kept)
+    return inside, index
 
 
 class AddAtBorder(torch.autograd.Function):
@@ -148,6 +173,37 @@ class ConvNormAct(nn.Module):
         return self(x, table, input_affine), None
 
 
+class SpatialMean(torch.autograd.Function):
+    """x.mean((2, 3), keepdim=True) whose backward returns a dense gradient in x's memory format.
+
+    The built-in backward returns a broadcast view, which autograd then adds to the gradient of the
+    SE multiply; for bf16 channels_last tensors that broadcast add takes a slow path on CPU (14 ms
+    against 1 ms on B0's first block). Writing it dense first costs one fast pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        ctx.memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        return x.mean((2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        count = ctx.shape[2] * ctx.shape[3]
+        return (grad / count).expand(ctx.shape).contiguous(memory_format=ctx.memory_format)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over height and width, keeping them as size-1 dimensions."""
+    if torch.compiler.is_compiling():
+        return x.mean((2, 3), keepdim=True)
+    return SpatialMean.apply(x)
+
+
 class SqueezeExcite(nn.Module):
     """Channel gate from pooled features.
 
@@ -166,7 +222,7 @@ class SqueezeExcite(nn.Module):
     def forward_split(self, x: torch.Tensor, mean: torch.Tensor | None = None,
                       inv_std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x·G, offset): the gated output is x·G + offset, offset (N × C × 1 × 1) None without μ̃."""
-        pooled = x.mean((2, 3), keepdim=True)
+        pooled = spatial_mean(x)
         if mean is not None:
             mean = mean.to(x.dtype).view(1, -1, 1, 1)
             pooled = pooled - mean
@@ -220,7 +276,8 @@ class MBConv(nn.Module):
         gated, offset = self.se.forward_split(*self.spatial.forward_split(hidden, table, pending))
         projected = self.project.conv(gated)
         if offset is not None:  # a 1×1 conv of a per-sample constant is one: add it after the conv
-            projected = projected + self.project.conv(offset)
+            weight = self.project.conv.weight.flatten(1)  # as a matmul: N × C, not a conv launch
+            projected = projected + F.linear(offset.flatten(1), weight).view(*offset.shape[:1], -1, 1, 1)
         out = self.project.norm_act(projected, table)
         if self.has_residual:
             out = self.drop_path(out) + x

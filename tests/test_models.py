@@ -477,3 +477,14 @@ def test_conv_with_input_affine_equals_conv_of_affine_input(kernel: int, stride:
         torch.testing.assert_close(folded, direct)
         for got, expected in zip(folded_grads, direct_grads):
             torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_spatial_mean_matches_mean_and_keeps_the_layout(memory_format) -> None:
+    from models.efficientnet import spatial_mean
+
+    x = torch.randn(3, 5, 4, 6, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    torch.testing.assert_close(spatial_mean(x), x.mean((2, 3), keepdim=True))
+    assert torch.autograd.gradcheck(spatial_mean, (x,))
+    (grad,) = torch.autograd.grad(spatial_mean(x).sum(), x)
+    assert grad.is_contiguous(memory_format=memory_format)

@@ -1,0 +1,49 @@
+"""run_benchmark.py: rows, interleaved rounds, and its errors (the figures themselves are in docs/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import run_benchmark
+
+TINY_ROW = "demo@32+fp32+nocl+width=0.25+depth=0.25"
+
+
+def test_rounds_interleave_every_row_and_pool_their_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    order = []
+    measure = run_benchmark.median_step_seconds
+
+    def recording(step, device, warmup, timed):
+        order.append(step)
+        return measure(step, device, warmup, timed)
+
+    monkeypatch.setattr(run_benchmark, "median_step_seconds", recording)
+    rows = [run_benchmark.parse_row(spec) for spec in (TINY_ROW, TINY_ROW + "+proxy_norm=false")]
+    args = run_benchmark.BenchmarkConfig(batch_size=2, warmup_steps=0, timed_steps=2, rounds=3, num_classes=10)
+    results = run_benchmark.benchmark_rows(rows, args, torch.device("cpu"))
+    assert [r["timed_steps"] for r in results] == [6, 6]
+    assert len(order) == 6 and order[0::2] == [order[0]] * 3 and order[1::2] == [order[1]] * 3
+    assert order[0] is not order[1]  # A B A B A B: the rows alternate
+    for result in results:
+        assert result["images_per_s"] > 0 and result["gmacs"] > 0 and result["peak_mb_per_image"] > 0
+
+
+def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_benchmark.main(["--compare", TINY_ROW, TINY_ROW + "+proxy_norm=false", "--batch-size", "2",
+                               "--warmup-steps", "0", "--timed-steps", "1", "--rounds", "2", "--num-classes", "10"])
+    assert code == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| demo@32")]
+    assert len(lines) == 2 and "| 1.00x |" in lines[0]
+    assert "2 interleaved rounds" in out and "host memory" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--compare", "demo@abc"], "resolution after @ must be an integer"),
+    (["--compare", "demo+float8"], "unknown flag 'float8'"),
+])
+def test_bad_options_exit_2_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_benchmark.main(argv) == 2
+    assert message in capsys.readouterr().err
