@@ -51,7 +51,8 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
                  conv.dilation[i]) for i in (0, 1)]
     borders = [_padded_border(*g) for g in geometry]
     fused = torch.compiler.is_compiling() or None in borders  # Inductor fuses a plain add; or no interior
-    (row_taps, row_index), (col_taps, col_index) = (_border_taps(*g, None if fused else border)
+    border_taps = _border_taps.__wrapped__ if torch.compiler.is_compiling() else _border_taps  # dynamo: no caches
+    (row_taps, row_index), (col_taps, col_index) = (border_taps(*g, None if fused else border)
                                                     for g, border in zip(geometry, borders))
     inside_rows = torch.tensor(row_taps, dtype=taps.dtype, device=taps.device)
     inside_cols = torch.tensor(col_taps, dtype=taps.dtype, device=taps.device)
