@@ -4,7 +4,8 @@
     python scripts/ab_proxy_norm.py --what fold --resolution 224 --precision bf16
 
 --what function: ProxyNormAct with the fused recomputing autograd Function against the same
-                 formula in plain autograd ops.
+                 formula in plain autograd ops. (Since the folds, a training step only uses the
+                 Function where no fold applies; docs/benchmarks.md B.5 was measured before them.)
 --what fold:     MBConv with Proxy Norm folded into the SE gate and the spatial conv, against the
                  unfolded block (each norm layer applying its own Proxy Norm).
 Rounds alternate A and B so that drift of a shared machine hits both; medians are printed.
@@ -24,11 +25,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import VARIANTS, create_model  # noqa: E402
-from models.efficientnet import MBConv  # noqa: E402
+from models.efficientnet import MBConv, apply_affine  # noqa: E402
 from models.proxy_norm import ProxyNormAct  # noqa: E402
+from training.host_memory import retain_freed_memory  # noqa: E402
 
 
-def plain_proxy_forward(self: ProxyNormAct, x: torch.Tensor) -> torch.Tensor:
+def plain_proxy_forward(self: ProxyNormAct, x: torch.Tensor, table=None) -> torch.Tensor:
     y = self.pre_activation(x)
     mean, var = self.moments()
     activated = F.silu(y)
@@ -38,7 +40,9 @@ def plain_proxy_forward(self: ProxyNormAct, x: torch.Tensor) -> torch.Tensor:
     return torch.addcmul((-mean * scale).view(1, -1, 1, 1), activated, scale.view(1, -1, 1, 1))
 
 
-def unfolded_block_forward(self: MBConv, x: torch.Tensor) -> torch.Tensor:
+def unfolded_block_forward(self: MBConv, x: torch.Tensor, table=None, input_affine=None) -> torch.Tensor:
+    if input_affine is not None:  # the stem's Proxy Norm, owed by the model's forward
+        x = apply_affine(x, *input_affine)
     out = self.spatial(self.expand(x))  # each layer applies its own (centred-only) Proxy Norm
     inv_std = torch.rsqrt(self.spatial.norm_act.moments()[1] + self.spatial.norm_act.proxy_eps)
     out = self.project(self.se(out, None, inv_std))
@@ -53,6 +57,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
+    retain_freed_memory()  # as the entry points do (docs/benchmarks.md A.1)
 
     owner, name = (ProxyNormAct, "forward") if args.what == "function" else (MBConv, "forward")
     variants = {"new": getattr(owner, name),
