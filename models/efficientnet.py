@@ -17,16 +17,9 @@ from torchvision.ops import StochasticDepth
 
 from .config import EfficientNetConfig, NormConfig, spatial_conv_groups
 from .norm_act import Role, make_norm_act
-from .proxy_norm import ProxyNormAct, ProxyTable, proxy_table
+from .proxy_norm import ProxyNormAct, ProxyTable, apply_affine, proxy_table
 
 InputAffine = tuple[torch.Tensor, torch.Tensor]  # per-channel (scale, shift) owed by a tensor
-
-
-def apply_affine(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
-    """x·scale + shift, per channel (dimension 1); scale None means 1."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    shift = shift.to(x.dtype).view(shape)
-    return x + shift if scale is None else torch.addcmul(shift, x, scale.to(x.dtype).view(shape))
 
 
 def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -170,7 +163,7 @@ class ConvNormAct(nn.Module):
         norm_act = self.norm_act
         if fold and isinstance(norm_act, ProxyNormAct) and not norm_act.centre_only:
             activated, mean, inv_std = self.forward_split(x, table, input_affine)
-            return activated, (inv_std, -mean * inv_std)
+            return activated, norm_act.owed_affine(mean, inv_std)
         return self(x, table, input_affine), None
 
 
@@ -271,8 +264,8 @@ class MBConv(nn.Module):
         hidden, pending = x, input_affine
         if isinstance(self.expand, ConvNormAct):
             # in training, the expansion's Proxy Norm goes into the spatial conv. Training only: the
-            # fold's shift conv costs one sample's worth of conv per batch, which pays for itself at
-            # training batch sizes, not at batch 1
+            # fold rescales the conv's weights on every call, which pays at training batch sizes;
+            # inference keeps the plain path
             hidden, pending = self.expand.forward_for_conv(hidden, table, pending, fold=self.training)
         gated, offset = self.se.forward_split(*self.spatial.forward_split(hidden, table, pending))
         projected = self.project.conv(gated)
@@ -363,6 +356,5 @@ class EfficientNet(nn.Module):
         if mean is not None:
             # the head's Proxy Norm is per channel, so it commutes with the average pool: applied
             # to N × C values instead of the N × C × H × W feature map
-            scale = None if self.head.norm_act.centre_only else inv_std
-            pooled = apply_affine(pooled, scale, -mean if scale is None else -mean * scale)
+            pooled = apply_affine(pooled, *self.head.norm_act.owed_affine(mean, inv_std))
         return self.classifier(pooled)

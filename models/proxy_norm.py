@@ -50,6 +50,13 @@ def proxy_moments(
 ProxyTable = dict  # ProxyNormAct -> (μ̃, 1/sqrt(σ̃² + ε)), precomputed for one forward pass
 
 
+def apply_affine(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
+    """x·scale + shift, per channel (dimension 1); scale None means 1."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    shift = shift.to(x.dtype).view(shape)
+    return x + shift if scale is None else torch.addcmul(shift, x, scale.to(x.dtype).view(shape))
+
+
 def _full_precision(tensor: torch.Tensor):
     """(dtype, context) to compute moments in at least fp32, whatever autocast does."""
     dtype = torch.promote_types(tensor.dtype, torch.float32)
@@ -194,19 +201,20 @@ class ProxyNormAct(nn.Module):
         """γ·norm(x) + β: what the activation sees."""
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
+    def owed_affine(self, mean: torch.Tensor, inv_std: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(scale, shift) that turn φ(y) into this layer's output: (φ(y) − μ̃)·s = φ(y)·s + (−μ̃·s),
+        or φ(y) − μ̃ (scale None) when `centre_only`."""
+        if self.centre_only:
+            return None, -mean
+        return inv_std, -mean * inv_std
+
     def forward(self, x: torch.Tensor, table: ProxyTable | None = None) -> torch.Tensor:
         y = self.pre_activation(x)
-        mean, inv_std = self.affine(table)
-        scale = None if self.centre_only else inv_std
-        shift = -mean if scale is None else -mean * scale  # (φ(y) − μ̃)·s = φ(y)·s + (−μ̃·s)
+        scale, shift = self.owed_affine(*self.affine(table))
         if torch.compiler.is_compiling():
             # under torch.compile the plain formula lets Inductor fuse these passes into one kernel
             # and pick what to recompute; the hand-written Function would hide them from it
-            shape = (1, -1) + (1,) * (y.dim() - 2)
-            out = ACTIVATIONS[self.activation](y)
-            if scale is not None:
-                out = out * scale.to(out.dtype).view(shape)
-            return out + shift.to(out.dtype).view(shape)
+            return apply_affine(ACTIVATIONS[self.activation](y), scale, shift)
         return ScaledShiftedActivation.apply(y, scale, shift, self.activation)
 
     def extra_repr(self) -> str:

@@ -20,33 +20,24 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models import VARIANTS, create_model  # noqa: E402
+from models import VARIANTS  # noqa: E402
+from run_benchmark import BenchmarkConfig, parse_row, prepare_row  # noqa: E402
 from training.host_memory import retain_freed_memory  # noqa: E402
 
 MODES = {"return": "returned to the OS (glibc default)", "retain": "retained"}
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
-    """Steady-state training steps in this process: 2 untimed, then `--steps` timed."""
+    """Steady-state training steps in this process (run_benchmark.py's training step for the
+    config MODEL-VARIANT): 2 untimed, then `--steps` timed."""
     if args.worker == "retain" and not retain_freed_memory():
         raise SystemExit("retaining host memory needs Linux with glibc")
-    bf16 = args.precision == "bf16"
-    memory_format = torch.channels_last if bf16 else torch.contiguous_format
-    torch.manual_seed(0)
-    model = create_model(args.model, **VARIANTS[args.variant]).to(memory_format=memory_format).train()
-    x = torch.randn(args.batch_size, 3, args.resolution, args.resolution).contiguous(memory_format=memory_format)
-    y = torch.randint(1000, (args.batch_size,))
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
+    layout = "cl" if args.precision == "bf16" else "nocl"
+    spec = f"{args.model}-{args.variant}@{args.resolution}+{args.precision}+{layout}"
+    step = prepare_row(parse_row(spec), BenchmarkConfig(batch_size=args.batch_size), torch.device("cpu")).step
     step()
     step()
     before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

@@ -8,7 +8,8 @@
                  Function where no fold applies; docs/benchmarks.md B.5 was measured before them.)
 --what fold:     MBConv with Proxy Norm folded into the SE gate and the spatial conv, against the
                  unfolded block (each norm layer applying its own Proxy Norm).
-Rounds alternate A and B so that drift of a shared machine hits both; medians are printed.
+Rounds alternate A and B so that drift of a shared machine hits both; medians are printed. The
+step is run_benchmark.py's training step for the efficientnet-b0-g16-lnpn config.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models import VARIANTS, create_model  # noqa: E402
-from models.efficientnet import MBConv, apply_affine  # noqa: E402
-from models.proxy_norm import ProxyNormAct  # noqa: E402
+from models.efficientnet import MBConv  # noqa: E402
+from models.proxy_norm import ProxyNormAct, apply_affine  # noqa: E402
+from run_benchmark import BenchmarkConfig, parse_row, prepare_row  # noqa: E402
 from training.host_memory import retain_freed_memory  # noqa: E402
 
 
@@ -62,20 +63,9 @@ def main() -> None:
     owner, name = (ProxyNormAct, "forward") if args.what == "function" else (MBConv, "forward")
     variants = {"new": getattr(owner, name),
                 "old": plain_proxy_forward if args.what == "function" else unfolded_block_forward}
-    bf16 = args.precision == "bf16"
-    memory_format = torch.channels_last if bf16 else torch.contiguous_format
-    torch.manual_seed(0)
-    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"]).to(memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
-    x = torch.randn(args.batch_size, 3, args.resolution, args.resolution).contiguous(memory_format=memory_format)
-    y = torch.randint(1000, (args.batch_size,))
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    layout = "cl" if args.precision == "bf16" else "nocl"
+    spec = f"efficientnet-b0-g16-lnpn@{args.resolution}+{args.precision}+{layout}"
+    step = prepare_row(parse_row(spec), BenchmarkConfig(batch_size=args.batch_size), torch.device("cpu")).step
 
     times: dict[str, list[float]] = {key: [] for key in variants}
     for _ in range(args.rounds):
