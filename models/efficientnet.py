@@ -27,7 +27,8 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
 
     The scale goes into the weights. The shift's response is a constant per output channel (a conv
     bias, free) except where the kernel overlaps the zero padding. There, a correction is added to
-    the border rows and columns only. It is computed from the per-tap sums of weight × shift and
+    the border rows and columns only (or, where they are a large share of the output, to all of it
+    in one pass). It is computed from the per-tap sums of weight × shift and
     which taps fall inside the input at each border row and column: small matrices, no extra conv.
     """
     groups = conv.groups
@@ -43,18 +44,36 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
     geometry = [(x.shape[2 + i], out.shape[2 + i], conv.kernel_size[i], conv.stride[i], conv.padding[i],
                  conv.dilation[i]) for i in (0, 1)]
     borders = [_padded_border(*g) for g in geometry]
-    fused = torch.compiler.is_compiling() or None in borders  # Inductor fuses a plain add; or no interior
-    border_taps = _border_taps.__wrapped__ if torch.compiler.is_compiling() else _border_taps  # dynamo: no caches
-    (row_taps, row_index), (col_taps, col_index) = (border_taps(*g, None if fused else border)
+    compiling = torch.compiler.is_compiling()
+    share = 1.0 if None in borders else _border_share(out.shape[2:], borders)
+    if share == 0:  # no output position sees the padding (a 1×1 conv): the bias is the whole response
+        return out
+    whole = None in borders or share > BORDER_SHARE_FOR_STRIPS
+    border_taps = _border_taps.__wrapped__ if compiling else _border_taps  # dynamo: no caches
+    (row_taps, row_index), (col_taps, col_index) = (border_taps(*g, None if whole or compiling else border)
                                                     for g, border in zip(geometry, borders))
     inside_rows = torch.tensor(row_taps, dtype=taps.dtype, device=taps.device)
     inside_cols = torch.tensor(col_taps, dtype=taps.dtype, device=taps.device)
     response = torch.einsum("ik,ckl,jl->cij", inside_rows, taps, inside_cols)
     correction = (response - interior.view(-1, 1, 1)).unsqueeze(0).to(out.dtype)
-    if fused:
+    if compiling:  # Inductor fuses a plain add
         return out + correction
+    if whole:  # in place (the conv's backward does not need out)
+        return AddAtBorder.apply(out, correction, None, None)
     rows, cols = (torch.tensor(index, device=out.device) for index in (row_index, col_index))
     return AddAtBorder.apply(out, correction.index_select(2, rows).index_select(3, cols), *borders)
+
+
+# Above this share of border positions, one in-place add over the whole output beats adding to the
+# border strips, which are narrow and strided (measured on CPU: 3×3 kernels at 56-112 px gain from
+# strips, 5×5 kernels and maps of 28 px or less lose)
+BORDER_SHARE_FOR_STRIPS = 0.1
+
+
+def _border_share(size: tuple[int, int], borders: list[tuple[int, int]]) -> float:
+    """The share of output positions that see the zero padding."""
+    (top, bottom), (left, right) = borders
+    return 1 - (size[0] - top - bottom) * (size[1] - left - right) / (size[0] * size[1])
 
 
 def _padded_border(size_in: int, size_out: int, kernel: int, stride: int, padding: int | str,
@@ -92,19 +111,25 @@ class AddAtBorder(torch.autograd.Function):
     """out[border] += correction[border], in place, for a correction that is 0 in the interior.
 
     The gradient of `out` passes through untouched, and the correction's gradient is the batch sum
-    on the border strips: no full-size pass either way, unlike `out + correction`.
+    on the border strips: no full-size pass either way, unlike `out + correction`. With `rows` and
+    `cols` None, the border is the whole output (one in-place add; one batch sum in backward).
     """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, correction: torch.Tensor, rows: tuple[int, int],
-                cols: tuple[int, int]) -> torch.Tensor:
-        height, width = out.shape[2:]
-        (top, bottom), (left, right) = rows, cols
-        middle = slice(top, height - bottom)
-        strips = [(slice(0, top), slice(None)), (slice(height - bottom, height), slice(None)),
-                  (middle, slice(0, left)), (middle, slice(width - right, width))]
-        ctx.strips = [(h, w) for h, w in strips if out[:, :, h, w].numel()]
+    def forward(ctx, out: torch.Tensor, correction: torch.Tensor, rows: tuple[int, int] | None,
+                cols: tuple[int, int] | None) -> torch.Tensor:
+        if rows is None or cols is None:
+            ctx.strips = [(slice(None), slice(None))]
+        else:
+            height, width = out.shape[2:]
+            (top, bottom), (left, right) = rows, cols
+            middle = slice(top, height - bottom)
+            strips = [(slice(0, top), slice(None)), (slice(height - bottom, height), slice(None)),
+                      (middle, slice(0, left)), (middle, slice(width - right, width))]
+            ctx.strips = [(h, w) for h, w in strips if out[:, :, h, w].numel()]
         ctx.correction_dtype = correction.dtype
+        if _is_channels_last(out):  # a broadcast add in a layout unlike out's takes a slow path
+            correction = correction.contiguous(memory_format=torch.channels_last)
         for h, w in ctx.strips:
             out[:, :, h, w] += correction[:, :, h, w]
         ctx.mark_dirty(out)
@@ -115,10 +140,22 @@ class AddAtBorder(torch.autograd.Function):
         grad_correction = None
         if ctx.needs_input_grad[1]:
             grad_correction = grad.new_zeros((1, *grad.shape[1:]), dtype=ctx.correction_dtype)
-            accumulate = torch.promote_types(grad.dtype, torch.float32)  # batch sums in >= fp32
             for h, w in ctx.strips:
-                grad_correction[:, :, h, w] = grad[:, :, h, w].sum(0, keepdim=True, dtype=accumulate)
+                grad_correction[:, :, h, w] = batch_sum(grad[:, :, h, w])
         return grad, grad_correction, None, None
+
+
+def batch_sum(x: torch.Tensor) -> torch.Tensor:
+    """x.sum(0, keepdim=True), reduced in memory order.
+
+    On CPU, PyTorch's sum over the batch of a channels_last view is 20× slower than the same sum
+    taken over its NHWC permutation (where the batch is outermost, as in NCHW). No `dtype=`: CPU
+    and CUDA sums of bf16/fp16 accumulate in fp32 anyway, and asking for an fp32 result takes a
+    path 15× slower.
+    """
+    if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1:  # channels innermost: channels_last
+        return x.permute(0, 2, 3, 1).sum(0, keepdim=True).permute(0, 3, 1, 2)
+    return x.sum(0, keepdim=True)
 
 
 class ConvNormAct(nn.Module):
@@ -172,14 +209,16 @@ class SpatialMean(torch.autograd.Function):
 
     The built-in backward returns a broadcast view, which autograd then adds to the gradient of the
     SE multiply; for bf16 channels_last tensors that broadcast add takes a slow path on CPU (14 ms
-    against 1 ms on B0's first block). Writing it dense first costs one fast pass.
+    against 1 ms on B0's first block). Writing it dense first costs one fast pass. The forward is a
+    sum divided by the count: on CPU, `mean` of bf16 is 2-6× slower than `sum` (same fp32
+    accumulation inside).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.shape = x.shape
         ctx.memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-        return x.mean((2, 3), keepdim=True)
+        return x.sum((2, 3), keepdim=True).div_(x.shape[2] * x.shape[3])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -189,6 +228,18 @@ class SpatialMean(torch.autograd.Function):
 
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def add_per_sample(x: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """x + term for a term of shape N × C × 1 × 1.
+
+    On CPU, that broadcast add takes a slow path for bf16/fp16 channels_last tensors (3.5 ms
+    against 0.9 ms on B0's first block): there, the term is written out in x's layout first.
+    """
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and _is_channels_last(x)
+            and not torch.compiler.is_compiling()):
+        term = term.expand_as(x).contiguous(memory_format=torch.channels_last)
+    return x + term
 
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:
@@ -271,7 +322,7 @@ class MBConv(nn.Module):
         projected = self.project.conv(gated)
         if offset is not None:  # a 1×1 conv of a per-sample constant is one: add it after the conv
             weight = self.project.conv.weight.flatten(1)  # as a matmul: N × C, not a conv launch
-            projected = projected + F.linear(offset.flatten(1), weight).view(*offset.shape[:1], -1, 1, 1)
+            projected = add_per_sample(projected, F.linear(offset.flatten(1), weight).view(*offset.shape[:1], -1, 1, 1))
         out = self.project.norm_act(projected, table)
         if self.has_residual:
             out = self.drop_path(out) + x

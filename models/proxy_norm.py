@@ -41,10 +41,45 @@ def proxy_moments(
     """
     slope = torch.addcmul(gamma, gamma, proxy_gamma)
     offset = torch.addcmul(beta, gamma, proxy_beta)
-    activated = ACTIVATIONS[activation](torch.addcmul(offset.unsqueeze(1), slope.unsqueeze(1), quantiles))
+    if torch.compiler.is_compiling():  # Inductor fuses the plain formula itself
+        return _moments_of_activation(slope, offset, quantiles, activation)[:2]
+    return ActivationMoments.apply(slope, offset, quantiles, activation)
+
+
+def _moments_of_activation(slope: torch.Tensor, offset: torch.Tensor, quantiles: torch.Tensor, activation: str):
+    """(mean, variance, pre-activation, centred activation) of φ(slope·U + offset) over the quantiles."""
+    pre = torch.outer(slope, quantiles).add_(offset.unsqueeze(1))  # 4x faster than a broadcast addcmul
+    activated = ACTIVATIONS[activation](pre)
     mean = activated.mean(dim=1, keepdim=True)
     centred = activated - mean  # two-pass variance: torch.var(_mean) is 4x slower here on CPU
-    return mean.squeeze(1), (centred * centred).mean(dim=1)
+    return mean.squeeze(1), (centred * centred).mean(dim=1), pre, centred
+
+
+class ActivationMoments(torch.autograd.Function):
+    """(mean, variance) of φ(slope·U + offset) per channel, with a hand-written backward.
+
+    The moments are a C × N computation (B0: 13,248 channels × 200 quantiles, every step). Plain
+    autograd runs about ten C × N passes backward; this runs four:
+        ∂/∂φ = (ḡ_mean + 2·ḡ_var·(φ − mean)) / N,  ∂/∂pre = φ′(pre)·∂/∂φ,
+        ∂/∂offset = Σ_N ∂/∂pre,  ∂/∂slope = (∂/∂pre) · U.
+    """
+
+    @staticmethod
+    def forward(ctx, slope: torch.Tensor, offset: torch.Tensor, quantiles: torch.Tensor, activation: str):
+        mean, var, pre, centred = _moments_of_activation(slope, offset, quantiles, activation)
+        ctx.activation = activation
+        ctx.save_for_backward(pre, centred, quantiles)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor, grad_var: torch.Tensor):  # unused outputs get zeros
+        pre, centred, quantiles = ctx.saved_tensors
+        count = pre.shape[1]
+        grad_activated = (centred * ((2 / count) * grad_var).unsqueeze(1)).add_((grad_mean / count).unsqueeze(1))
+        grad_pre = _ACTIVATION_BACKWARD[ctx.activation](grad_activated, pre)
+        grad_slope = grad_pre @ quantiles if ctx.needs_input_grad[0] else None
+        grad_offset = grad_pre.sum(1) if ctx.needs_input_grad[1] else None
+        return grad_slope, grad_offset, None, None
 
 
 ProxyTable = dict  # ProxyNormAct -> (μ̃, 1/sqrt(σ̃² + ε)), precomputed for one forward pass

@@ -193,10 +193,14 @@ def test_proxy_norm_gradient_through_moments_is_correct() -> None:
             p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: layer(x), (x,))
-    assert torch.autograd.gradcheck(
-        lambda g, b, pg, pb: proxy_moments(g, b, pg, pb, layer.quantiles.double()),
-        tuple(p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias, layer.proxy_gamma, layer.proxy_beta)),
-    )
+    params = tuple(p.detach().clone().requires_grad_()
+                   for p in (layer.weight, layer.bias, layer.proxy_gamma, layer.proxy_beta))
+    for activation in ("silu", "relu"):  # the moments' hand-written backward, through both outputs
+        assert torch.autograd.gradcheck(
+            lambda g, b, pg, pb, a=activation: proxy_moments(g, b, pg, pb, layer.quantiles.double(), a), params)
+        # and through one of them only
+        assert torch.autograd.gradcheck(
+            lambda g, b, pg, pb, a=activation: proxy_moments(g, b, pg, pb, layer.quantiles.double(), a)[0], params)
 
 
 def test_proxy_parameters_are_selectable() -> None:
@@ -454,12 +458,25 @@ def test_model_with_folded_proxy_norm_matches_layer_by_layer_formula(training: b
     torch.testing.assert_close(model.classifier(features.mean((2, 3))), reference)
 
 
+def _has_interior(size: int, kernel: int, stride: int) -> bool:
+    """Whether some output row of a 'same'-padded conv sees no padding."""
+    pad = kernel // 2
+    rows = (size + 2 * pad - kernel) // stride + 1
+    return any(row * stride - pad >= 0 and row * stride - pad + kernel <= size for row in range(rows))
+
+
+@pytest.mark.parametrize("strips", [True, False])
 @pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2), (5, 1), (5, 2)])
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 8, 11])
-def test_conv_with_input_affine_equals_conv_of_affine_input(kernel: int, stride: int, size: int) -> None:
-    """conv(x·s + b), with the shift's response as a bias plus border corrections, equals the conv
-    of the formed input, values and gradients, for every border geometry and both layouts."""
+def test_conv_with_input_affine_equals_conv_of_affine_input(kernel: int, stride: int, size: int, strips: bool,
+                                                            monkeypatch) -> None:
+    """conv(x·s + b), with the shift's response as a bias plus border corrections (added to the
+    border strips, or to the whole output), equals the conv of the formed input, values and
+    gradients, for every border geometry and both layouts."""
+    from models import efficientnet
     from models.efficientnet import conv_with_input_affine
+
+    monkeypatch.setattr(efficientnet, "BORDER_SHARE_FOR_STRIPS", 1.0 if strips else 0.0)
 
     torch.manual_seed(size * 31 + kernel * 7 + stride)
     conv = torch.nn.Conv2d(8, 8, kernel, stride, kernel // 2, groups=2, bias=False).double()
@@ -469,6 +486,12 @@ def test_conv_with_input_affine_equals_conv_of_affine_input(kernel: int, stride:
         shift = torch.randn(8, dtype=torch.float64)
         inputs = [t.clone().requires_grad_() for t in (x, scale, shift)]
         folded = conv_with_input_affine(conv, *inputs)
+        if kernel == 1:
+            assert type(folded.grad_fn).__name__ == "ConvolutionBackward0"  # no padding: no correction
+        else:
+            whole_output = folded.grad_fn.strips == [(slice(None), slice(None))]
+            assert whole_output != (strips and _has_interior(size, kernel, stride)
+                                    and _has_interior(size + 1, kernel, stride))
         weights = torch.randn_like(folded)
         folded_grads = torch.autograd.grad((folded * weights).sum(), [*inputs, conv.weight])
         plain = [t.clone().requires_grad_() for t in (x, scale, shift)]
@@ -477,6 +500,21 @@ def test_conv_with_input_affine_equals_conv_of_affine_input(kernel: int, stride:
         torch.testing.assert_close(folded, direct)
         for got, expected in zip(folded_grads, direct_grads):
             torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_batch_sum_matches_sum_over_the_batch(memory_format, dtype) -> None:
+    """Whole tensors and border strips (strided views), both layouts, against an fp64 reference."""
+    from models.efficientnet import batch_sum
+
+    x = torch.randn(5, 6, 7, 8, dtype=torch.float64).to(dtype).contiguous(memory_format=memory_format)
+    for view in (x, x[:, :, :2], x[:, :, 2:-2, -2:], x[:, :, :, :1]):
+        got = batch_sum(view)
+        assert got.shape == (1, *view.shape[1:]) and got.dtype == dtype
+        expected = view.double().sum(0, keepdim=True)
+        tolerance = dict(rtol=1e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(got.double(), expected, **tolerance)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

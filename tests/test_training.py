@@ -57,6 +57,26 @@ def test_rmsprop_tf_matches_its_definition() -> None:
         param.grad = g.clone()
         opt.step()
     torch.testing.assert_close(param.detach(), p)
+    # several parameters of different shapes in two groups, one without a gradient, step together
+    # (the step is written in multi-tensor ops) exactly as each would alone
+    torch.manual_seed(0)
+    tensors = [torch.randn(3), torch.randn(4, 2), torch.randn(5), torch.randn(2, 2)]
+    params = [torch.nn.Parameter(t.clone()) for t in tensors]
+    together = RMSpropTF([dict(params=params[:2]), dict(params=params[2:], weight_decay=0.0)], lr=lr, decay=decay,
+                         momentum=momentum, eps=eps, weight_decay=wd)
+    alone = [torch.nn.Parameter(t.clone()) for t in tensors]
+    singles = [RMSpropTF([a], lr=lr, decay=decay, momentum=momentum, eps=eps, weight_decay=wd if i < 2 else 0.0)
+               for i, a in enumerate(alone)]
+    for _ in range(3):
+        for i, (joint, single) in enumerate(zip(params, alone)):
+            grad = None if i == 3 else torch.randn_like(joint)
+            joint.grad, single.grad = grad, None if grad is None else grad.clone()
+        together.step()
+        for opt_alone in singles:
+            opt_alone.step()
+    for joint, single in zip(params, alone):
+        torch.testing.assert_close(joint.detach(), single.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(params[3].detach(), tensors[3], rtol=0, atol=0)
     # and it is not torch's RMSprop (eps outside the root, mean square from 0)
     other = torch.nn.Parameter(p0.clone())
     torch_opt = torch.optim.RMSprop([other], lr=lr, alpha=decay, eps=eps, momentum=momentum, weight_decay=wd)
