@@ -28,40 +28,34 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
     The scale goes into the weights. The shift's response is a constant per output channel (a conv
     bias, free) except where the kernel overlaps the zero padding. There, a correction is added to
     the border rows and columns only (or, where they are a large share of the output, to all of it
-    in one pass). It is computed from the per-tap sums of weight × shift and
-    which taps fall inside the input at each border row and column: small matrices, no extra conv.
+    in one pass). The correction is one small matrix product: the per-tap sums of weight × shift
+    (C_out × taps) times a cached matrix of which taps each output position loses to the padding.
     """
     groups = conv.groups
     out_channels, in_per_group = conv.weight.shape[:2]
+    kernel_taps = conv.weight[0, 0].numel()
     per_weight = (groups, 1, in_per_group)
     weight_scale = scale.view(per_weight).expand(groups, out_channels // groups, in_per_group)
     weight = conv.weight * weight_scale.reshape(out_channels, in_per_group, 1, 1).to(conv.weight.dtype)
     weight_shift = shift.view(per_weight).expand(groups, out_channels // groups, in_per_group)
-    taps = (conv.weight * weight_shift.reshape(out_channels, in_per_group, 1, 1)).sum(1)  # C_out × kh × kw
-    interior = taps.sum((1, 2))
+    taps = torch.bmm(weight_shift.reshape(out_channels, 1, in_per_group).to(conv.weight.dtype),
+                     conv.weight.reshape(out_channels, in_per_group, kernel_taps)).squeeze(1)  # C_out × taps
+    interior = taps.sum(1)
     bias = interior if conv.bias is None else conv.bias + interior
     out = F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, groups)
-    geometry = [(x.shape[2 + i], out.shape[2 + i], conv.kernel_size[i], conv.stride[i], conv.padding[i],
-                 conv.dilation[i]) for i in (0, 1)]
+    geometry = tuple((x.shape[2 + i], out.shape[2 + i], conv.kernel_size[i], conv.stride[i], conv.padding[i],
+                      conv.dilation[i]) for i in (0, 1))
     borders = [_padded_border(*g) for g in geometry]
-    compiling = torch.compiler.is_compiling()
     share = 1.0 if None in borders else _border_share(out.shape[2:], borders)
     if share == 0:  # no output position sees the padding (a 1×1 conv): the bias is the whole response
         return out
-    whole = None in borders or share > BORDER_SHARE_FOR_STRIPS
-    border_taps = _border_taps.__wrapped__ if compiling else _border_taps  # dynamo: no caches
-    (row_taps, row_index), (col_taps, col_index) = (border_taps(*g, None if whole or compiling else border)
-                                                    for g, border in zip(geometry, borders))
-    inside_rows = torch.tensor(row_taps, dtype=taps.dtype, device=taps.device)
-    inside_cols = torch.tensor(col_taps, dtype=taps.dtype, device=taps.device)
-    response = torch.einsum("ik,ckl,jl->cij", inside_rows, taps, inside_cols)
-    correction = (response - interior.view(-1, 1, 1)).unsqueeze(0).to(out.dtype)
+    compiling = torch.compiler.is_compiling()
+    padding_loss = (_padding_loss.__wrapped__ if compiling else _padding_loss)(*geometry, taps.dtype, taps.device)
+    correction = (taps @ padding_loss).view(1, out_channels, *out.shape[2:]).to(out.dtype)
     if compiling:  # Inductor fuses a plain add
         return out + correction
-    if whole:  # in place (the conv's backward does not need out)
-        return AddAtBorder.apply(out, correction, None, None)
-    rows, cols = (torch.tensor(index, device=out.device) for index in (row_index, col_index))
-    return AddAtBorder.apply(out, correction.index_select(2, rows).index_select(3, cols), *borders)
+    whole = None in borders or share > BORDER_SHARE_FOR_STRIPS
+    return AddAtBorder.apply(out, correction, *((None, None) if whole else borders))
 
 
 # Above this share of border positions, one in-place add over the whole output beats adding to the
@@ -88,23 +82,21 @@ def _padded_border(size_in: int, size_out: int, kernel: int, stride: int, paddin
     return (first, last) if first + last < size_out else None
 
 
-@functools.lru_cache(maxsize=256)
-def _border_taps(size_in: int, size_out: int, kernel: int, stride: int, padding: int, dilation: int,
-                 border: tuple[int, int] | None) -> tuple[tuple[tuple[float, ...], ...], tuple[int, ...]]:
-    """(inside, index). `inside[r][k]` is 1 where tap k of kept output row r falls inside the
-    input, else 0. With a `border` (first, last), the rows kept are the border rows and one
-    interior row, and `index` maps every output row to its kept row; without, all rows are kept."""
-    if border is None:
-        kept = list(range(size_out))
-        index = tuple(kept)
-    else:
-        first, last = border
-        kept = [*range(first + 1), *range(size_out - last, size_out)]
-        dropped = size_out - len(kept)
-        index = tuple(i if i < first else first if i < size_out - last else i - dropped for i in range(size_out))
-    inside = tuple(tuple(float(0 <= row * stride - padding + k * dilation < size_in) for k in range(kernel))
-                   for row in kept)
-    return inside, index
+def _inside_taps(size_in: int, size_out: int, kernel: int, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """inside[r, k] = 1 where tap k of output row r falls inside the input, else 0."""
+    position = torch.arange(size_out).unsqueeze(1) * stride - padding + torch.arange(kernel) * dilation
+    return ((position >= 0) & (position < size_in)).double()
+
+
+@functools.lru_cache(maxsize=128)
+def _padding_loss(rows: tuple[int, ...], cols: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """taps × (output rows · output columns): M[(k, l), (i, j)] = inside(i, k)·inside(j, l) − 1, so
+    that per-tap responses times M give what each output position loses to the zero padding."""
+    with torch.inference_mode(False):  # cached: must be usable by autograd whatever mode made it
+        inside_rows, inside_cols = _inside_taps(*rows), _inside_taps(*cols)
+        kept = torch.einsum("ik,jl->klij", inside_rows, inside_cols)
+        return (kept - 1).reshape(kept.shape[0] * kept.shape[1], -1).to(dtype=dtype, device=device)
 
 
 class AddAtBorder(torch.autograd.Function):
