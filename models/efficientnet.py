@@ -17,7 +17,7 @@ from torchvision.ops import StochasticDepth
 
 from .config import EfficientNetConfig, NormConfig, spatial_conv_groups
 from .norm_act import Role, make_norm_act
-from .proxy_norm import ProxyNormAct, ProxyTable, apply_affine, proxy_table
+from .proxy_norm import ProxyNormAct, ProxyTable, apply_affine, full_precision, proxy_table
 
 InputAffine = tuple[torch.Tensor, torch.Tensor]  # per-channel (scale, shift) owed by a tensor
 
@@ -38,8 +38,10 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
     weight_scale = scale.view(per_weight).expand(groups, out_channels // groups, in_per_group)
     weight = conv.weight * weight_scale.reshape(out_channels, in_per_group, 1, 1).to(conv.weight.dtype)
     weight_shift = shift.view(per_weight).expand(groups, out_channels // groups, in_per_group)
-    taps = torch.bmm(weight_shift.reshape(out_channels, 1, in_per_group).to(conv.weight.dtype),
-                     conv.weight.reshape(out_channels, in_per_group, kernel_taps)).squeeze(1)  # C_out × taps
+    _, no_autocast = full_precision(conv.weight)  # small products: autocast's bf16 would only slow them
+    with no_autocast:
+        taps = torch.bmm(weight_shift.reshape(out_channels, 1, in_per_group).to(conv.weight.dtype),
+                         conv.weight.reshape(out_channels, in_per_group, kernel_taps)).squeeze(1)  # C_out × taps
     interior = taps.sum(1)
     bias = interior if conv.bias is None else conv.bias + interior
     out = F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, groups)
@@ -51,7 +53,8 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
         return out
     compiling = torch.compiler.is_compiling()
     padding_loss = (_padding_loss.__wrapped__ if compiling else _padding_loss)(*geometry, taps.dtype, taps.device)
-    correction = (taps @ padding_loss).view(1, out_channels, *out.shape[2:]).to(out.dtype)
+    with no_autocast:
+        correction = (taps @ padding_loss).view(1, out_channels, *out.shape[2:]).to(out.dtype)
     if compiling:  # Inductor fuses a plain add
         return out + correction
     whole = None in borders or share > BORDER_SHARE_FOR_STRIPS

@@ -92,7 +92,7 @@ def apply_affine(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tenso
     return x + shift if scale is None else torch.addcmul(shift, x, scale.to(x.dtype).view(shape))
 
 
-def _full_precision(tensor: torch.Tensor):
+def full_precision(tensor: torch.Tensor):
     """(dtype, context) to compute moments in at least fp32, whatever autocast does."""
     dtype = torch.promote_types(tensor.dtype, torch.float32)
     device_type = tensor.device.type
@@ -115,7 +115,7 @@ def proxy_table(layers: list[ProxyNormAct]) -> ProxyTable:
     table: ProxyTable = {}
     for (activation, proxy_eps, *_), members in groups.items():
         first = members[0]
-        dtype, context = _full_precision(first.weight)
+        dtype, context = full_precision(first.weight)
         with context:
             params = [
                 torch.cat([getattr(layer, name) for layer in members]).to(dtype)
@@ -206,7 +206,7 @@ class ProxyNormAct(nn.Module):
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """μ̃ and σ̃² per channel, in at least fp32 whatever autocast does (C × N elements: cheap)."""
-        dtype, context = _full_precision(self.weight)
+        dtype, context = full_precision(self.weight)
         with context:
             return proxy_moments(
                 self.weight.to(dtype),
