@@ -33,7 +33,7 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
     """
     groups = conv.groups
     out_channels, in_per_group = conv.weight.shape[:2]
-    kernel_taps = conv.weight[0, 0].numel()
+    kernel_taps = math.prod(conv.kernel_size)
     per_weight = (groups, 1, in_per_group)
     weight_scale = scale.view(per_weight).expand(groups, out_channels // groups, in_per_group)
     weight = conv.weight * weight_scale.reshape(out_channels, in_per_group, 1, 1).to(conv.weight.dtype)
@@ -133,7 +133,9 @@ class AddAtBorder(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_correction = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.strips == [(slice(None), slice(None))]:
+            grad_correction = batch_sum(grad).to(ctx.correction_dtype)
+        elif ctx.needs_input_grad[1]:
             grad_correction = grad.new_zeros((1, *grad.shape[1:]), dtype=ctx.correction_dtype)
             for h, w in ctx.strips:
                 grad_correction[:, :, h, w] = batch_sum(grad[:, :, h, w])
