@@ -93,7 +93,8 @@ def apply_affine(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tenso
 
 
 def full_precision(tensor: torch.Tensor):
-    """(dtype, context) to compute moments in at least fp32, whatever autocast does."""
+    """(dtype, context) to compute in at least fp32 whatever autocast does: the moments, and the
+    small products of the conv folds."""
     dtype = torch.promote_types(tensor.dtype, torch.float32)
     device_type = tensor.device.type
     context = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else nullcontext()
