@@ -34,13 +34,10 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
     groups = conv.groups
     out_channels, in_per_group = conv.weight.shape[:2]
     kernel_taps = math.prod(conv.kernel_size)
-    per_weight = (groups, 1, in_per_group)
-    weight_scale = scale.view(per_weight).expand(groups, out_channels // groups, in_per_group)
-    weight = conv.weight * weight_scale.reshape(out_channels, in_per_group, 1, 1).to(conv.weight.dtype)
-    weight_shift = shift.view(per_weight).expand(groups, out_channels // groups, in_per_group)
+    weight = conv.weight * _per_weight(conv, scale).view(out_channels, in_per_group, 1, 1)
     _, no_autocast = full_precision(conv.weight)  # small products: autocast's bf16 would only slow them
     with no_autocast:
-        taps = torch.bmm(weight_shift.reshape(out_channels, 1, in_per_group).to(conv.weight.dtype),
+        taps = torch.bmm(_per_weight(conv, shift).unsqueeze(1),
                          conv.weight.reshape(out_channels, in_per_group, kernel_taps)).squeeze(1)  # C_out × taps
     interior = taps.sum(1)
     bias = interior if conv.bias is None else conv.bias + interior
@@ -59,6 +56,14 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
         return out + correction
     whole = None in borders or share > BORDER_SHARE_FOR_STRIPS
     return AddAtBorder.apply(out, correction, *((None, None) if whole else borders))
+
+
+def _per_weight(conv: nn.Conv2d, value: torch.Tensor) -> torch.Tensor:
+    """A per-input-channel value as each output channel's weights see it (C_out × C_in/groups),
+    in the weights' dtype."""
+    out_channels, in_per_group = conv.weight.shape[:2]
+    per_group = value.view(conv.groups, 1, in_per_group).expand(conv.groups, out_channels // conv.groups, in_per_group)
+    return per_group.reshape(out_channels, in_per_group).to(conv.weight.dtype)
 
 
 # Above this share of border positions, one in-place add over the whole output beats adding to the
