@@ -82,6 +82,14 @@ class ActivationMoments(torch.autograd.Function):
         return grad_slope, grad_offset, None, None
 
 
+def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """φ(y) for a freshly computed y: in place where autograd records no graph (inference, no_grad),
+    one tensor and one pass fewer. Where it records one, out of place: in place, autograd would copy
+    y to keep it for the backward, which costs more than a new tensor (B0 training, norm layers'
+    SiLU: +1.7 % fp32, +5 % bf16 out of place)."""
+    return ACTIVATIONS[activation](y, inplace=not (torch.is_grad_enabled() and y.requires_grad))
+
+
 ProxyTable = dict  # ProxyNormAct -> (μ̃, 1/sqrt(σ̃² + ε)), precomputed for one forward pass
 
 
@@ -231,7 +239,7 @@ class ProxyNormAct(nn.Module):
         """(φ(y), μ̃, 1/σ̃): the normalised output (φ(y) − μ̃)/σ̃ left for the consumer to finish in
         an op it runs anyway (a conv, the SE gate, the pooling), whatever `centre_only` says."""
         mean, inv_std = self.affine(table)
-        return ACTIVATIONS[self.activation](self.pre_activation(x)), mean, inv_std
+        return activate(self.pre_activation(x), self.activation), mean, inv_std
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         """γ·norm(x) + β: what the activation sees."""
@@ -251,6 +259,12 @@ class ProxyNormAct(nn.Module):
             # under torch.compile the plain formula lets Inductor fuse these passes into one kernel
             # and pick what to recompute; the hand-written Function would hide them from it
             return apply_affine(ACTIVATIONS[self.activation](y), scale, shift)
+        if not (torch.is_grad_enabled() and (y.requires_grad or shift.requires_grad)):  # no graph: all in place
+            out = activate(y, self.activation)
+            shape = (1, -1) + (1,) * (y.dim() - 2)
+            if scale is not None:
+                out.mul_(scale.to(out.dtype).view(shape))
+            return out.add_(shift.to(out.dtype).view(shape))
         return ScaledShiftedActivation.apply(y, scale, shift, self.activation)
 
     def extra_repr(self) -> str:

@@ -56,6 +56,28 @@ def test_forward_shape_at_many_resolutions(variant: str, resolution: int) -> Non
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_inference_without_autograd_matches_the_recorded_forward(variant: str) -> None:
+    """Without an autograd graph (inference_mode, no_grad) the activations run in place: same
+    outputs as the forward autograd records, in eval and train mode, and the input is untouched."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b0", **{**VARIANTS[variant], **TINY}).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(3, 3, 40, 40, dtype=torch.float64)
+    kept = x.clone()
+    for training in (False, True):
+        model.train(training)
+        recorded = model(x)
+        assert recorded.requires_grad
+        for context in (torch.inference_mode, torch.no_grad):
+            with context():
+                torch.testing.assert_close(model(x), recorded.detach())
+    assert torch.equal(x, kept)
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_every_size_builds_with_group_16(name: str) -> None:
     with torch.device("meta"):
