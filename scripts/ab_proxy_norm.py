@@ -2,12 +2,16 @@
 
     python scripts/ab_proxy_norm.py --what function --resolution 160 --precision fp32
     python scripts/ab_proxy_norm.py --what fold --resolution 224 --precision bf16
+    python scripts/ab_proxy_norm.py --what parts --resolution 160 --precision fp32
 
 --what function: ProxyNormAct with the fused recomputing autograd Function against the same
                  formula in plain autograd ops. (Since the folds, a training step only uses the
                  Function where no fold applies; docs/benchmarks.md B.5 was measured before them.)
 --what fold:     MBConv with Proxy Norm folded into the SE gate and the spatial conv, against the
                  unfolded block (each norm layer applying its own Proxy Norm).
+--what parts:    where Proxy Norm's cost is: LN, LN+PN, and LN+PN with one part taken away at a
+                 time (the moments' gradient, the SE's Proxy Norm terms, the folds). The first two
+                 take away maths and are for timing only.
 Rounds alternate A and B so that drift of a shared machine hits both; medians are printed. The
 step is run_benchmark.py's training step for the efficientnet-b0-g16-lnpn config.
 """
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.efficientnet import MBConv  # noqa: E402
+from models.efficientnet import ConvNormAct, EfficientNet, MBConv, SqueezeExcite  # noqa: E402
 from models.proxy_norm import ProxyNormAct, apply_affine  # noqa: E402
 from run_benchmark import BenchmarkConfig, parse_row, prepare_row  # noqa: E402
 from training.host_memory import retain_freed_memory  # noqa: E402
@@ -50,9 +54,43 @@ def unfolded_block_forward(self: MBConv, x: torch.Tensor, table=None, input_affi
     return self.drop_path(out) + x if self.has_residual else out
 
 
+def constant_table(self: EfficientNet):
+    """The moment table without its gradient: no backward through the moments or the small
+    per-layer ops that use them (timing only: Proxy Norm's parameters then learn nothing)."""
+    with torch.no_grad():
+        return ORIGINAL_TABLE(self)
+
+
+def se_without_proxy_terms(self: SqueezeExcite, x, mean=None, inv_std=None):
+    """The SE gate as without Proxy Norm (timing only: drops μ̃ and 1/σ̃ from the block)."""
+    return ORIGINAL_SE(self, x, None, None)
+
+
+def never_fold(self: ConvNormAct, x, table, input_affine, fold):
+    """Each Proxy Norm applied by its own layer: the same values as the folds."""
+    return ORIGINAL_FOR_CONV(self, x, table, input_affine, False)
+
+
+ORIGINAL_TABLE, ORIGINAL_SE = EfficientNet.proxy_table, SqueezeExcite.forward_split
+ORIGINAL_FOR_CONV = ConvNormAct.forward_for_conv
+
+# --what → {label: (benchmark row, {(owner, method name): replacement})}; the first label is the reference
+VARIANTS = {
+    "function": lambda spec: {"current": (spec, {}), "plain": (spec, {(ProxyNormAct, "forward"): plain_proxy_forward})},
+    "fold": lambda spec: {"current": (spec, {}), "unfolded": (spec, {(MBConv, "forward"): unfolded_block_forward})},
+    "parts": lambda spec: {
+        "LN": (spec + "+proxy_norm=false", {}),
+        "LN+PN": (spec, {}),
+        "LN+PN, constant moment table": (spec, {(EfficientNet, "proxy_table"): constant_table}),
+        "LN+PN, SE without its Proxy Norm terms": (spec, {(SqueezeExcite, "forward_split"): se_without_proxy_terms}),
+        "LN+PN, no folds": (spec, {(ConvNormAct, "forward_for_conv"): never_fold}),
+    },
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", choices=["function", "fold"], required=True)
+    parser.add_argument("--what", choices=sorted(VARIANTS), required=True)
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -60,28 +98,35 @@ def main() -> None:
     args = parser.parse_args()
     retain_freed_memory()  # as the entry points do (docs/benchmarks.md A.1)
 
-    owner, name = (ProxyNormAct, "forward") if args.what == "function" else (MBConv, "forward")
-    variants = {"new": getattr(owner, name),
-                "old": plain_proxy_forward if args.what == "function" else unfolded_block_forward}
     layout = "cl" if args.precision == "bf16" else "nocl"
     spec = f"efficientnet-b0-g16-lnpn@{args.resolution}+{args.precision}+{layout}"
-    step = prepare_row(parse_row(spec), BenchmarkConfig(batch_size=args.batch_size), torch.device("cpu")).step
+    variants = VARIANTS[args.what](spec)
+    replaced = {target for _, patches in variants.values() for target in patches}
+    originals = {target: getattr(*target) for target in replaced}
+    config = BenchmarkConfig(batch_size=args.batch_size)
+    steps = {label: prepare_row(parse_row(row), config, torch.device("cpu")).step for label, (row, _) in variants.items()}
 
-    times: dict[str, list[float]] = {key: [] for key in variants}
-    for _ in range(args.rounds):
-        for key, forward in variants.items():
-            setattr(owner, name, forward)
-            step()  # warm-up for this variant
-            start = time.perf_counter()
-            step()
-            step()
-            times[key].append((time.perf_counter() - start) / 2)
-    setattr(owner, name, variants["new"])
-    for key, values in times.items():
-        label = {"new": "current", "old": "plain" if args.what == "function" else "unfolded"}[key]
-        print(f"{args.what} {args.precision} {args.resolution}px {label}: "
-              f"{args.batch_size / statistics.median(values):.1f} img/s "
-              f"(rounds: {', '.join(f'{args.batch_size / t:.1f}' for t in values)})")
+    times: dict[str, list[float]] = {label: [] for label in variants}
+    try:
+        for round_index in range(args.rounds + 1):  # the first round is untimed: a process's first steps are slow
+            for label, (_, patches) in variants.items():
+                for (owner, name), original in originals.items():
+                    setattr(owner, name, patches.get((owner, name), original))
+                steps[label]()  # warm-up for this variant
+                start = time.perf_counter()
+                steps[label]()
+                steps[label]()
+                if round_index:
+                    times[label].append((time.perf_counter() - start) / 2)
+    finally:
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
+    first = statistics.median(next(iter(times.values())))
+    for label, values in times.items():
+        median = statistics.median(values)
+        print(f"{args.what} {args.precision} {args.resolution}px {label}: {args.batch_size / median:.1f} img/s, "
+              f"{1e3 * median:.1f} ms a step ({1e3 * (median - first):+.1f} ms against the first row; "
+              f"rounds: {', '.join(f'{args.batch_size / t:.1f}' for t in values)})")
 
 
 if __name__ == "__main__":
