@@ -366,6 +366,7 @@ class EfficientNet(nn.Module):
         self.head = ConvNormAct(last_channels, cfg.head_channels, 1, norm, "head")
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.head_channels, cfg.num_classes))
+        self._proxy_table_cache: dict = {}  # Proxy Norm moments reused in inference (see `proxy_table`)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -388,7 +389,7 @@ class EfficientNet(nn.Module):
         if torch.compiler.is_compiling():
             return None
         layers = [module for module in self.modules() if isinstance(module, ProxyNormAct)]
-        return proxy_table(layers) if layers else None
+        return proxy_table(layers, self._proxy_table_cache) if layers else None
 
     def forward_trunk(self, x: torch.Tensor, table: ProxyTable | None) -> torch.Tensor:
         """Stem and blocks. In training, the stem's Proxy Norm is folded into the first block's conv."""

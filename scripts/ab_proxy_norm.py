@@ -3,6 +3,7 @@
     python scripts/ab_proxy_norm.py --what function --resolution 160 --precision fp32
     python scripts/ab_proxy_norm.py --what fold --resolution 224 --precision bf16
     python scripts/ab_proxy_norm.py --what parts --resolution 160 --precision fp32
+    python scripts/ab_proxy_norm.py --what cache --mode inference --batch-size 1 --precision fp32
 
 --what function: ProxyNormAct with the fused recomputing autograd Function against the same
                  formula in plain autograd ops. (Since the folds, a training step only uses the
@@ -12,8 +13,12 @@
 --what parts:    where Proxy Norm's cost is: LN, LN+PN, and LN+PN with one part taken away at a
                  time (the moments' gradient, the SE's Proxy Norm terms, the folds). The first two
                  take away maths and are for timing only.
+--what cache:    LN, and LN+PN with its moments reused while the parameters are unchanged (what
+                 the model does without autograd) or computed on every forward; use with
+                 --mode inference.
 Rounds alternate A and B so that drift of a shared machine hits both; medians are printed. The
-step is run_benchmark.py's training step for the efficientnet-b0-g16-lnpn config.
+step is run_benchmark.py's training (or, with --mode inference, inference) step for the
+efficientnet-b0-g16-lnpn config.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.efficientnet import ConvNormAct, EfficientNet, MBConv, SqueezeExcite  # noqa: E402
-from models.proxy_norm import ProxyNormAct, apply_affine  # noqa: E402
+from models.proxy_norm import ProxyNormAct, apply_affine, proxy_table  # noqa: E402
 from run_benchmark import BenchmarkConfig, parse_row, prepare_row  # noqa: E402
 from training.host_memory import retain_freed_memory  # noqa: E402
 
@@ -71,6 +76,12 @@ def never_fold(self: ConvNormAct, x, table, input_affine, fold):
     return ORIGINAL_FOR_CONV(self, x, table, input_affine, False)
 
 
+def uncached_table(self: EfficientNet):
+    """The moments computed on every forward, as before they were reused in inference."""
+    layers = [module for module in self.modules() if isinstance(module, ProxyNormAct)]
+    return proxy_table(layers) if layers else None
+
+
 ORIGINAL_TABLE, ORIGINAL_SE = EfficientNet.proxy_table, SqueezeExcite.forward_split
 ORIGINAL_FOR_CONV = ConvNormAct.forward_for_conv
 
@@ -85,6 +96,11 @@ VARIANTS = {
         "LN+PN, SE without its Proxy Norm terms": (spec, {(SqueezeExcite, "forward_split"): se_without_proxy_terms}),
         "LN+PN, no folds": (spec, {(ConvNormAct, "forward_for_conv"): never_fold}),
     },
+    "cache": lambda spec: {
+        "LN": (spec + "+proxy_norm=false", {}),
+        "LN+PN, moments reused while unchanged": (spec, {}),
+        "LN+PN, moments computed every forward": (spec, {(EfficientNet, "proxy_table"): uncached_table}),
+    },
 }
 
 
@@ -95,6 +111,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--mode", choices=["train", "inference"], default="train")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps a variant runs in each round")
     args = parser.parse_args()
     retain_freed_memory()  # as the entry points do (docs/benchmarks.md A.1)
 
@@ -103,7 +121,7 @@ def main() -> None:
     variants = VARIANTS[args.what](spec)
     replaced = {target for _, patches in variants.values() for target in patches}
     originals = {target: getattr(*target) for target in replaced}
-    config = BenchmarkConfig(batch_size=args.batch_size)
+    config = BenchmarkConfig(batch_size=args.batch_size, mode=args.mode)
     steps = {label: prepare_row(parse_row(row), config, torch.device("cpu")).step for label, (row, _) in variants.items()}
 
     times: dict[str, list[float]] = {label: [] for label in variants}
@@ -114,10 +132,10 @@ def main() -> None:
                     setattr(owner, name, patches.get((owner, name), original))
                 steps[label]()  # warm-up for this variant
                 start = time.perf_counter()
-                steps[label]()
-                steps[label]()
+                for _ in range(args.steps):
+                    steps[label]()
                 if round_index:
-                    times[label].append((time.perf_counter() - start) / 2)
+                    times[label].append((time.perf_counter() - start) / args.steps)
     finally:
         for (owner, name), original in originals.items():
             setattr(owner, name, original)

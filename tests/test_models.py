@@ -396,6 +396,55 @@ def test_spatial_proxy_norm_folded_into_se_matches_reference_formula() -> None:
     torch.testing.assert_close(trained_path, reference)
 
 
+def test_inference_reuses_proxy_moments_only_while_parameters_are_unchanged(monkeypatch) -> None:
+    """Without autograd the model reuses its last moments while the Proxy Norm parameters are equal
+    by value; any change (an in-place update, a `.data` write that bumps no version counter, a
+    loaded state dict) recomputes them, and with autograd they are always computed (and carry
+    gradients). Outputs always equal a model built fresh from the same state."""
+    from models import proxy_norm
+
+    calls = []
+    original = proxy_norm.proxy_moments
+    monkeypatch.setattr(proxy_norm, "proxy_moments", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def fresh_output():
+        twin = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).double().eval()
+        twin.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            return twin(x)
+
+    layer = model.stem.norm_act
+    with torch.inference_mode():
+        first = model(x)
+        assert len(calls) == 1
+        torch.testing.assert_close(model(x), first)
+        assert len(calls) == 1  # reused
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), first)
+        assert len(calls) == 1
+        layer.proxy_gamma.add_(0.5)  # in place: version bumped
+        changed = model(x)
+        assert len(calls) == 2 and not torch.allclose(changed, first)
+    layer.proxy_beta.data.copy_(torch.full_like(layer.proxy_beta, 0.7))  # no version bump
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), fresh_output())
+        assert len(calls) == 4  # recomputed here, and in the fresh twin
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["stem.norm_act.bias"] += 0.25
+    model.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh_output())
+    count = len(calls)
+    recorded = model(x)  # with autograd: computed, with gradients into the Proxy Norm parameters
+    assert len(calls) == count + 1
+    recorded.sum().backward()
+    assert layer.proxy_beta.grad is not None and layer.proxy_beta.grad.abs().sum() > 0
+    torch.testing.assert_close(recorded.detach(), fresh_output())
+
+
 def test_batched_proxy_table_equals_each_layers_own_moments() -> None:
     """One evaluation over all layers' channels gives each layer's (μ̃, 1/σ̃) and their gradients,
     also when layers differ in activation and ε (batched separately)."""
