@@ -140,7 +140,8 @@ def proxy_table(layers: list[ProxyNormAct], cache: dict | None = None) -> ProxyT
                 for name in ("weight", "bias", "proxy_gamma", "proxy_beta")
             ]
             inputs = (*params, first.quantiles.to(dtype))
-            cached = cache.get(key) if reuse else None
+            reusable = reuse and first.weight.device.type != "meta"  # meta tensors hold no values to compare
+            cached = cache.get(key) if reusable else None
             if cached is not None and all(
                 old.shape == new.shape and torch.equal(old, new) for old, new in zip(cached[0], inputs)
             ):
@@ -148,7 +149,7 @@ def proxy_table(layers: list[ProxyNormAct], cache: dict | None = None) -> ProxyT
             else:
                 mean, var = proxy_moments(*inputs, activation)
                 inv_std = torch.rsqrt(var + proxy_eps)
-        if reuse:  # the quantiles may be the buffer itself (no cast): keep a copy to compare against
+        if reusable:  # the quantiles may be the buffer itself (no cast): keep a copy to compare against
             kept[key] = ((*params, inputs[-1].clone()), (mean, inv_std))
         sizes = [layer.weight.numel() for layer in members]
         for layer, layer_mean, layer_inv_std in zip(members, mean.split(sizes), inv_std.split(sizes)):
