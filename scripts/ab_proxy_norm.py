@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=["train", "inference"], default="train")
     parser.add_argument("--steps", type=int, default=2, help="timed steps a variant runs in each round")
     args = parser.parse_args()
+    for option in ("rounds", "steps", "batch_size", "resolution"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
     retain_freed_memory()  # as the entry points do (docs/benchmarks.md A.1)
 
     layout = "cl" if args.precision == "bf16" else "nocl"
