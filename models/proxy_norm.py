@@ -166,6 +166,14 @@ _ACTIVATION_BACKWARD = {
 }
 
 
+def scale_shift_(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
+    """x·scale + shift per channel (dimension 1), in place on x; scale None means 1."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        x.mul_(scale.to(x.dtype).view(shape))
+    return x.add_(shift.to(x.dtype).view(shape))
+
+
 class ScaledShiftedActivation(torch.autograd.Function):
     """out = φ(y)·scale + shift (per channel; scale None means 1), saving only y.
 
@@ -175,11 +183,7 @@ class ScaledShiftedActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor, activation: str):
-        shape = (1, -1) + (1,) * (y.dim() - 2)
-        out = ACTIVATIONS[activation](y)
-        if scale is not None:
-            out.mul_(scale.to(out.dtype).view(shape))
-        out.add_(shift.to(out.dtype).view(shape))
+        out = scale_shift_(ACTIVATIONS[activation](y), scale, shift)  # out of place: y is saved
         ctx.activation = activation
         ctx.has_scale = scale is not None
         ctx.save_for_backward(y, scale if scale is not None else shift.new_empty(0))
@@ -282,11 +286,7 @@ class ProxyNormAct(nn.Module):
             # and pick what to recompute; the hand-written Function would hide them from it
             return apply_affine(ACTIVATIONS[self.activation](y), scale, shift)
         if not (torch.is_grad_enabled() and (y.requires_grad or shift.requires_grad)):  # no graph: all in place
-            out = activate(y, self.activation)
-            shape = (1, -1) + (1,) * (y.dim() - 2)
-            if scale is not None:
-                out.mul_(scale.to(out.dtype).view(shape))
-            return out.add_(shift.to(out.dtype).view(shape))
+            return scale_shift_(activate(y, self.activation), scale, shift)
         return ScaledShiftedActivation.apply(y, scale, shift, self.activation)
 
     def extra_repr(self) -> str:
