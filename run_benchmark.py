@@ -12,8 +12,10 @@ runs warm-up steps (not timed), then timed steps each synchronised and timed alo
 reported with GMACs per image, achieved GFLOP/s (a training step counted as 3 forward passes),
 that as a share of this machine's matmul peak (measured here first), and peak memory per image.
 Ratios are against the first row. `--rounds N` builds all rows first and cycles through them N
-times, so that a shared machine's drift falls on every row alike. Record results in docs/benchmarks.md with the command, machine
-and date; timed tests are not used because shared machines are noisy.
+times, so that a shared machine's drift falls on every row alike; a "per round" column then shows
+the lowest and highest ratio of one round's medians, the noise left on the ratio. Record results
+in docs/benchmarks.md with the command, machine and date; timed tests are not used because shared
+machines are noisy.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class Prepared:
     gmacs: float
     passes: int  # forward-pass equivalents per step, for GFLOP/s
     times: list[float] = field(default_factory=list)
+    round_medians: list[float] = field(default_factory=list)  # the median step of each round
 
 
 def prepare_row(row: Row, args: BenchmarkConfig, device: torch.device) -> Prepared:
@@ -197,6 +200,7 @@ def result_of(prepared: Prepared, args: BenchmarkConfig, device: torch.device) -
     images_per_s = args.batch_size / median
     return dict(row=row.spec, resolution=row.resolution, precision=row.precision, channels_last=row.channels_last,
                 compile=row.compile, images_per_s=images_per_s, median_step_s=median, timed_steps=len(prepared.times),
+                round_medians=prepared.round_medians,
                 gmacs=prepared.gmacs,
                 gflops=2 * prepared.gmacs * prepared.passes * images_per_s,
                 peak_mb_per_image=memory / 1e6 / args.batch_size)
@@ -217,8 +221,20 @@ def benchmark_rows(rows: list[Row], args: BenchmarkConfig, device: torch.device)
     prepared_rows = [prepare_row(row, args, device) for row in rows]
     for _ in range(args.rounds):
         for prepared in prepared_rows:
-            prepared.times += median_step_seconds(prepared.step, device, args.warmup_steps, args.timed_steps)
+            times = median_step_seconds(prepared.step, device, args.warmup_steps, args.timed_steps)
+            prepared.times += times
+            prepared.round_medians.append(statistics.median(times))
     return [result_of(prepared, args, device) for prepared in prepared_rows]
+
+
+def round_ratio_range(first: list[float], row: list[float]) -> tuple[float, float] | None:
+    """(lowest, highest) speed ratio of a row against the first row, each round's medians compared
+    with the same round's: the spread a shared machine's drift leaves on the ratio. None without
+    interleaved rounds."""
+    if len(first) < 2 or len(first) != len(row):
+        return None
+    ratios = [a / b for a, b in zip(first, row)]
+    return min(ratios), max(ratios)
 
 
 # ---------------------------------------------------------------------------- host data loader
@@ -303,15 +319,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    header = f"| {'row':<44} | res | precision | layout | img/s | ratio | GMACs/img | GFLOP/s | % peak | MB/img |"
+    spread = " per round |" if args.rounds > 1 else ""
+    header = (f"| {'row':<44} | res | precision | layout | img/s | ratio |{spread} GMACs/img | GFLOP/s | % peak "
+              f"| MB/img |")
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     for result in results:
         ratio = result["images_per_s"] / results[0]["images_per_s"]
         share = 100 * result["gflops"] / peaks[result["precision"]]
         layout = ("NHWC" if result["channels_last"] else "NCHW") + (" compiled" if result["compile"] else "")
+        lowest_highest = round_ratio_range(results[0]["round_medians"], result["round_medians"])
+        spread_cell = f" {lowest_highest[0]:.2f}–{lowest_highest[1]:.2f} |" if spread else ""
         print(f"| {result['row']:<44} | {result['resolution']} | {result['precision']} | {layout} | "
-              f"{result['images_per_s']:.1f} | {ratio:.2f}x | "
+              f"{result['images_per_s']:.1f} | {ratio:.2f}x |{spread_cell} "
               f"{result['gmacs']:.3f} | {result['gflops']:.1f} | {share:.1f} | {result['peak_mb_per_image']:.1f} |")
     return 0
 

@@ -27,6 +27,7 @@ def test_rounds_interleave_every_row_and_pool_their_steps(monkeypatch: pytest.Mo
     assert order[0] is not order[1]  # A B A B A B: the rows alternate
     for result in results:
         assert result["images_per_s"] > 0 and result["gmacs"] > 0 and result["peak_mb_per_image"] > 0
+        assert len(result["round_medians"]) == 3  # one median per round, for the per-round ratios
 
 
 def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,7 +36,9 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     assert code == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("| demo@32")]
-    assert len(lines) == 2 and "| 1.00x |" in lines[0]
+    assert len(lines) == 2 and "| 1.00x | 1.00–1.00 |" in lines[0]  # the first row against itself, per round
+    low, high = (float(x) for x in lines[1].split("|")[7].split("–"))
+    assert 0 < low <= high and "per round" in out
     assert "2 interleaved rounds" in out and "host memory" in out
 
 
@@ -47,3 +50,11 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
 def test_bad_options_exit_2_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_benchmark.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_round_ratio_range_compares_each_rounds_medians_with_the_same_rounds() -> None:
+    # first row 1.0 s a step in both rounds; the second 0.5 s, then 0.8 s: 2.0x and 1.25x faster
+    assert run_benchmark.round_ratio_range([1.0, 1.0], [0.5, 0.8]) == (1.25, 2.0)
+    # drift that slows both rows alike in round two leaves the per-round ratio unchanged
+    assert run_benchmark.round_ratio_range([1.0, 3.0], [0.5, 1.5]) == (2.0, 2.0)
+    assert run_benchmark.round_ratio_range([1.0], [0.5]) is None  # one round: no spread to show
