@@ -10,7 +10,8 @@ A row is CONFIG[@RES][+fp32|+bf16|+fp16][+cl|+nocl][+compile|+nocompile][+KEY=VA
 timm:MODEL[@RES]; precision, memory format and compile default to the config's. Each row
 runs warm-up steps (not timed), then timed steps each synchronised and timed alone; the median is
 reported with GMACs per image, achieved GFLOP/s (a training step counted as 3 forward passes),
-that as a share of this machine's matmul peak (measured here first), and peak memory per image.
+that as a share of this machine's matmul peak (measured here first), and peak memory per image
+(n/a for compiled rows on CPU, where it is counted by a dispatch mode that runs the eager code).
 Ratios are against the first row. `--rounds N` builds all rows first and cycles through them N
 times, so that a shared machine's drift falls on every row alike; a "per round" column then shows
 the lowest and highest ratio of one round's medians, the noise left on the ratio. Record results
@@ -195,7 +196,9 @@ def prepare_row(row: Row, args: BenchmarkConfig, device: torch.device) -> Prepar
 def result_of(prepared: Prepared, args: BenchmarkConfig, device: torch.device) -> dict:
     """The row's figures from all its timed steps (the median), and its peak memory."""
     row = prepared.row
-    memory = peak_memory_bytes(prepared.step, device)
+    # on CPU, live tensors are counted by a dispatch mode, under which a compiled model runs its
+    # eager code: that count would be the eager model's, so none is reported for compiled rows
+    memory = None if row.compile and device.type != "cuda" else peak_memory_bytes(prepared.step, device)
     median = statistics.median(prepared.times)
     images_per_s = args.batch_size / median
     return dict(row=row.spec, resolution=row.resolution, precision=row.precision, channels_last=row.channels_last,
@@ -203,7 +206,7 @@ def result_of(prepared: Prepared, args: BenchmarkConfig, device: torch.device) -
                 round_medians=prepared.round_medians,
                 gmacs=prepared.gmacs,
                 gflops=2 * prepared.gmacs * prepared.passes * images_per_s,
-                peak_mb_per_image=memory / 1e6 / args.batch_size)
+                peak_mb_per_image=None if memory is None else memory / 1e6 / args.batch_size)
 
 
 def benchmark_rows(rows: list[Row], args: BenchmarkConfig, device: torch.device) -> list[dict]:
@@ -330,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         layout = ("NHWC" if result["channels_last"] else "NCHW") + (" compiled" if result["compile"] else "")
         lowest_highest = round_ratio_range(results[0]["round_medians"], result["round_medians"])
         spread_cell = f" {lowest_highest[0]:.2f}–{lowest_highest[1]:.2f} |" if spread else ""
+        memory = "n/a" if result["peak_mb_per_image"] is None else f"{result['peak_mb_per_image']:.1f}"
         print(f"| {result['row']:<44} | {result['resolution']} | {result['precision']} | {layout} | "
               f"{result['images_per_s']:.1f} | {ratio:.2f}x |{spread_cell} "
-              f"{result['gmacs']:.3f} | {result['gflops']:.1f} | {share:.1f} | {result['peak_mb_per_image']:.1f} |")
+              f"{result['gmacs']:.3f} | {result['gflops']:.1f} | {share:.1f} | {memory} |")
     return 0
 
 

@@ -58,3 +58,19 @@ def test_round_ratio_range_compares_each_rounds_medians_with_the_same_rounds() -
     # drift that slows both rows alike in round two leaves the per-round ratio unchanged
     assert run_benchmark.round_ratio_range([1.0, 3.0], [0.5, 1.5]) == (2.0, 2.0)
     assert run_benchmark.round_ratio_range([1.0], [0.5]) is None  # one round: no spread to show
+
+
+def test_compiled_rows_on_cpu_report_no_memory_figure() -> None:
+    """The CPU memory count runs a compiled model's eager code, so it would report the eager
+    model's memory as the compiled one's: such rows report none."""
+    args = run_benchmark.BenchmarkConfig(batch_size=2, num_classes=10)
+    calls = []
+    results = {}
+    for compiled in (False, True):
+        row = run_benchmark.parse_row(TINY_ROW + ("+compile" if compiled else ""))
+        row.compile = compiled
+        prepared = run_benchmark.Prepared(row, lambda: calls.append(torch.ones(1000)), gmacs=0.1, passes=1,
+                                          times=[0.5])
+        results[compiled] = run_benchmark.result_of(prepared, args, torch.device("cpu"))
+    assert results[False]["peak_mb_per_image"] == pytest.approx(4000 / 1e6 / 2)  # 1,000 fp32 values kept alive
+    assert results[True]["peak_mb_per_image"] is None and len(calls) == 1  # not run to count memory
