@@ -1,0 +1,126 @@
+"""CUDA paths, each against the CPU (or a single process) as the reference.
+
+Skipped without a CUDA GPU, as on CI. On a GPU machine: `python -m pytest tests/test_accelerator.py`.
+`TEST_ACCELERATOR=cpu` runs the same checks with the CPU standing in for the accelerator, which
+checks the tests themselves where no GPU is at hand.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_parallel import EXACT, assert_same_weights, epoch_record, final_weights, max_difference, torchrun
+
+import run_benchmark
+import run_train
+from conftest import tiny_train_args
+from models import VARIANTS, create_model
+
+ACCELERATOR = os.environ.get("TEST_ACCELERATOR", "cuda")
+pytestmark = pytest.mark.skipif(ACCELERATOR == "cuda" and not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (TEST_ACCELERATOR=cpu runs these checks on the CPU)")
+TINY = dict(width=0.25, depth=0.34, num_classes=10, dropout=0.0, stochastic_depth=0.0)
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmuls():
+    """No TF32 in the fp32 references: cuDNN and cuBLAS would otherwise round inputs to 10 bits."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("training, channels_last", [(True, False), (True, True), (False, True)])
+def test_model_on_the_accelerator_matches_the_cpu(variant: str, training: bool, channels_last: bool) -> None:
+    """Values and gradients in float64, so that any difference is a wrong code path (the Proxy Norm
+    folds, border corrections and hand-written backwards all run on the accelerator here)."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b1", **VARIANTS[variant], **TINY).double().train(training)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    x = torch.randn(4, 3, 40, 40, dtype=torch.float64)
+    weights = torch.randn(4, 10, dtype=torch.float64)
+
+    def run(device: str, memory_format: torch.memory_format):
+        copy = create_model("efficientnet-b1", **VARIANTS[variant], **TINY).double().train(training)
+        copy.load_state_dict(model.state_dict())
+        copy = copy.to(device, memory_format=memory_format)
+        out = copy(x.to(device).contiguous(memory_format=memory_format))
+        grads = torch.autograd.grad((out * weights.to(device)).sum(), list(copy.parameters()))
+        return out.cpu(), [g.cpu() for g in grads]
+
+    out, grads = run("cpu", torch.contiguous_format)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    accelerator_out, accelerator_grads = run(ACCELERATOR, layout)
+    torch.testing.assert_close(accelerator_out, out, rtol=1e-9, atol=1e-10)
+    for (name, _), got, expected in zip(model.named_parameters(), accelerator_grads, grads):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_training_in_reduced_precision_follows_fp32(tmp_path: Path, precision: str) -> None:
+    """A few steps of the demo config in fp32 and in bf16/fp16 autocast (fp16 with loss scaling),
+    channels_last, on the accelerator: same data and start, so the losses differ by rounding only."""
+    runs = tmp_path / "runs"
+    common = [*EXACT, "--device", ACCELERATOR, "--channels-last", "true", "--micro-batch-size", "8"]
+    assert run_train.main(tiny_train_args(runs, *common, "--precision", "fp32", "--run-name", "fp32")) == 0
+    assert run_train.main(tiny_train_args(runs, *common, "--precision", precision, "--run-name", precision)) == 0
+    reference, reduced = epoch_record(runs / "fp32"), epoch_record(runs / precision)
+    assert reduced["train_loss"] == pytest.approx(reference["train_loss"], abs=0.05)
+    weights, fp32_weights = final_weights(runs / precision), final_weights(runs / "fp32")
+    assert all(torch.isfinite(w.float()).all() for w in weights.values() if w.is_floating_point())
+    assert max_difference(weights, fp32_weights) > 0  # autocast did run in the reduced precision
+
+
+def test_compiled_model_on_the_accelerator_matches_eager() -> None:
+    """torch.compile on the accelerator (Triton on CUDA): the plain Proxy Norm formula it compiles
+    gives the eager model's values and gradients."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).double().to(ACCELERATOR)
+    x = torch.randn(4, 3, 32, 32, device=ACCELERATOR, dtype=torch.float64)  # float64: differences are bugs
+    eager_out = model(x)
+    eager_out.sum().backward()
+    eager_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    compiled_out = torch.compile(model)(x)
+    compiled_out.sum().backward()
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-10, atol=1e-12)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, eager_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.skipif(ACCELERATOR == "cuda" and torch.cuda.device_count() < 2,
+                    reason="nccl needs one GPU per replica: two GPUs")
+def test_two_replicas_on_the_accelerator_equal_one_process(tmp_path: Path) -> None:
+    """Two replicas under torchrun (nccl on CUDA) against one process with the double batch."""
+    runs = tmp_path / "runs"
+    common = [*EXACT, "--device", ACCELERATOR]
+    assert run_train.main(tiny_train_args(runs, *common, "--micro-batch-size", "8", "--run-name", "single")) == 0
+    result = torchrun(2, tiny_train_args(runs, *common, "--micro-batch-size", "4", "--replicas", "2",
+                                         "--run-name", "ddp"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(final_weights(runs / "single"), final_weights(runs / "ddp"), atol=1e-5)
+
+
+def test_benchmark_runs_on_the_accelerator(capsys: pytest.CaptureFixture[str]) -> None:
+    """run_benchmark.py's rows in each precision and layout on the accelerator, with its memory
+    figure (CUDA: the allocator's high-water mark)."""
+    row = "demo@32+width=0.25+depth=0.25"
+    code = run_benchmark.main(["--device", ACCELERATOR, "--compare", f"{row}+fp32+nocl", f"{row}+bf16+cl",
+                               f"{row}+fp16+cl", "--batch-size", "4", "--warmup-steps", "1", "--timed-steps", "2",
+                               "--num-classes", "10"])
+    assert code == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| demo@32")]
+    assert len(lines) == 3
+    for line in lines:
+        cells = [cell.strip() for cell in line.split("|")]
+        assert float(cells[5]) > 0 and float(cells[-2]) > 0  # img/s and MB/img
+    assert f"device {ACCELERATOR}" in out
