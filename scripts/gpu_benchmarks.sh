@@ -9,7 +9,8 @@
 # DEVICE, BATCH, TIMED and ROUNDS override the defaults (cuda, 128, 10, 3); e.g.
 # DEVICE=cpu BATCH=2 TIMED=1 ROUNDS=1 COMPILE=0 checks the script itself on a machine without a GPU.
 set -euo pipefail
-out=${1:?usage: bash scripts/gpu_benchmarks.sh OUTPUT_DIR}
+if [ $# -ne 1 ]; then echo "usage: bash scripts/gpu_benchmarks.sh OUTPUT_DIR" >&2; exit 2; fi
+out=$1
 python=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 common=(--device "$device" --batch-size "${BATCH:-128}" --warmup-steps 3 --timed-steps "${TIMED:-10}"
