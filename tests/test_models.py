@@ -225,6 +225,35 @@ def test_proxy_norm_gradient_through_moments_is_correct() -> None:
             lambda g, b, pg, pb, a=activation: proxy_moments(g, b, pg, pb, layer.quantiles.double(), a)[0], params)
 
 
+@pytest.mark.parametrize("block_elements", [150, 1 << 18])  # blocks of 3 channels (the last of 1), or one
+def test_moments_in_channel_blocks_keep_nothing_of_size_c_by_n(monkeypatch, block_elements: int) -> None:
+    """The moments are computed block by block over the channels and recomputed in backward: values
+    and gradients equal the plain formula, and the backward keeps only per-channel tensors (the
+    C × N table is not saved)."""
+    import models.proxy_norm as proxy_norm_module
+
+    monkeypatch.setattr(proxy_norm_module, "MOMENT_BLOCK_ELEMENTS", block_elements)
+    channels, quantiles = 10, proxy_quantiles(50, torch.float64)
+    torch.manual_seed(0)
+    params = [(torch.ones(channels, dtype=torch.float64) + 0.3 * torch.randn(channels, dtype=torch.float64))
+              .requires_grad_() for _ in range(4)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        mean, var = proxy_moments(*params, quantiles)
+    assert max(saved) <= max(channels, quantiles.numel())  # per-channel inputs and the quantiles only
+    slope = torch.addcmul(params[0], params[0], params[2])
+    offset = torch.addcmul(params[1], params[0], params[3])
+    activated = torch.nn.functional.silu(torch.outer(slope, quantiles) + offset.unsqueeze(1))
+    torch.testing.assert_close(mean, activated.mean(1))
+    torch.testing.assert_close(var, activated.var(1, unbiased=False))
+    weights = torch.randn(2, channels, dtype=torch.float64)
+    got = torch.autograd.grad((mean * weights[0] + var * weights[1]).sum(), params)
+    expected = torch.autograd.grad((activated.mean(1) * weights[0] + activated.var(1, unbiased=False) * weights[1]).sum(),
+                                   params)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 def test_proxy_parameters_are_selectable() -> None:
     model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY)
     proxy = [n for n, _ in model.named_parameters() if is_proxy_parameter(n)]
