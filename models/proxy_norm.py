@@ -103,10 +103,12 @@ class ActivationMoments(torch.autograd.Function):
             grad_activated = centred.mul_(((2 / count) * grad_var[block]).unsqueeze(1)).add_(
                 (grad_mean[block] / count).unsqueeze(1))
             grad_pre = _ACTIVATION_BACKWARD[ctx.activation](grad_activated, pre)
-            grad_slope.append(grad_pre @ quantiles)
-            grad_offset.append(grad_pre.sum(1))
-        return (torch.cat(grad_slope) if ctx.needs_input_grad[0] else None,
-                torch.cat(grad_offset) if ctx.needs_input_grad[1] else None, None, None)
+            if ctx.needs_input_grad[0]:
+                grad_slope.append(grad_pre @ quantiles)
+            if ctx.needs_input_grad[1]:
+                grad_offset.append(grad_pre.sum(1))
+        return (torch.cat(grad_slope) if grad_slope else None, torch.cat(grad_offset) if grad_offset else None,
+                None, None)
 
 
 def activate(y: torch.Tensor, activation: str) -> torch.Tensor:

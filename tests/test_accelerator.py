@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_models import TINY, assert_compiled_model_matches_eager
 from test_parallel import EXACT, assert_same_weights, epoch_record, final_weights, max_difference, torchrun
 
 import run_benchmark
@@ -22,7 +23,6 @@ from models import VARIANTS, create_model
 ACCELERATOR = os.environ.get("TEST_ACCELERATOR", "cuda")
 pytestmark = pytest.mark.skipif(ACCELERATOR == "cuda" and not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (TEST_ACCELERATOR=cpu runs these checks on the CPU)")
-TINY = dict(width=0.25, depth=0.34, num_classes=10, dropout=0.0, stochastic_depth=0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -82,18 +82,7 @@ def test_training_in_reduced_precision_follows_fp32(tmp_path: Path, precision: s
 def test_compiled_model_on_the_accelerator_matches_eager() -> None:
     """torch.compile on the accelerator (Triton on CUDA): the plain Proxy Norm formula it compiles
     gives the eager model's values and gradients."""
-    torch.manual_seed(0)
-    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).double().to(ACCELERATOR)
-    x = torch.randn(4, 3, 32, 32, device=ACCELERATOR, dtype=torch.float64)  # float64: differences are bugs
-    eager_out = model(x)
-    eager_out.sum().backward()
-    eager_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    compiled_out = torch.compile(model)(x)
-    compiled_out.sum().backward()
-    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-10, atol=1e-12)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, eager_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert_compiled_model_matches_eager(ACCELERATOR, batch_size=4)
 
 
 @pytest.mark.skipif(ACCELERATOR == "cuda" and torch.cuda.device_count() < 2,

@@ -385,9 +385,14 @@ def test_fused_proxy_activation_matches_plain_autograd(activation: str, centre_o
 def test_compiled_model_matches_eager() -> None:
     """Under torch.compile Proxy Norm takes its plain-formula path; values and gradients agree
     with the eager (hand-fused) path."""
+    assert_compiled_model_matches_eager("cpu", batch_size=2)
+
+
+def assert_compiled_model_matches_eager(device: str, batch_size: int) -> None:
+    """G16-LN+PN B0 (tiny) in float64 on `device`: compiled and eager values and gradients agree."""
     torch.manual_seed(0)
-    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).double()
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).double().to(device)
+    x = torch.randn(batch_size, 3, 32, 32, dtype=torch.float64, device=device)
     eager_out = model(x)
     eager_out.sum().backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
