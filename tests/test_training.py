@@ -228,6 +228,7 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
         (["--config", "demo", "--fine-tune-first-trainable-layer", "blocks.9"], "has no layer 'blocks.9'"),
         (["--config", "demo", "--norm", "instance"], "--norm must be one of"),
         (["--data", "imagenet", "--data-path", str(tmp_path / "missing")], "data path not found"),
+        (["--config", "demo", "--data-path", str(tmp_path)], "--data-path is read only with --data imagenet"),
     ]:
         result = run_cli("run_train.py", *args, "--output-dir", str(tmp_path / "runs"))
         assert result.returncode == 2, (args, result.stderr)
@@ -332,6 +333,10 @@ def test_messy_image_folder_trains_and_reports_corrupt_file(tmp_path: Path) -> N
     assert "corrupt.jpg" in result.stderr and "Traceback" not in result.stderr
     records = [json.loads(line) for line in (tmp_path / "runs" / "m" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("skipped_images", 0) for r in records if r["event"] == "epoch") >= 1
+    # the run's ImageNet folder stays in its config; validating on other data must not need it
+    other = run_cli("run_validate.py", "--checkpoint", str(tmp_path / "runs" / "m"), "--data", "generated",
+                    "--resolutions", "32", "--output-prefix", str(tmp_path / "sweep"))
+    assert other.returncode == 0, other.stderr
     strict = run_cli(
         "run_train.py", "--config", "demo", "--data", "imagenet", "--data-path", str(data), "--width", "0.25",
         "--depth", "0.25", "--resolution", "32", "--epochs", "2", "--micro-batch-size", "4", "--workers", "0",

@@ -121,6 +121,7 @@ def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path) -> None
         (["--checkpoint", str(good), "--resolution-range", "64:32:8"], "is empty"),
         (["--checkpoint", str(good), "--resolutions", "8,32"], "below the model's minimum"),
         (["--checkpoint", str(good), "--weights", "averaged"], "has no such weights"),
+        (["--checkpoint", str(good), "--data-path", str(tmp_path)], "--data-path is read only with --data imagenet"),
         ([], "--checkpoint PATH is required"),
     ]:
         result = run_cli("run_validate.py", *args)

@@ -279,6 +279,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--num-classes must be at least 2, got {cfg.num_classes}")
     if cfg.data == "imagenet" and not cfg.data_path:
         raise ConfigError("--data imagenet needs --data-path DIR (a folder with train/ and validation/ or val/)")
+    if cfg.data != "imagenet" and cfg.data_path:  # else the folder would be ignored without a word
+        raise ConfigError(f"--data-path is read only with --data imagenet, but the data is {cfg.data!r}: "
+                          f"add --data imagenet to use {cfg.data_path}")
     if cfg.data == "generated" and cfg.generated_size < 1:
         raise ConfigError(f"--generated-size must be at least 1, got {cfg.generated_size}")
     if cfg.fine_tune_batch_size is not None and cfg.fine_tune_batch_size < 1:
