@@ -39,6 +39,7 @@ from training.config import (
     ConfigError,
     check_config,
     make_config,
+    meta_model,
     model_overrides,
     native_resolution,
     parse_dataclass,
@@ -116,18 +117,35 @@ def _parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def build(row: Row, num_classes: int) -> tuple[torch.nn.Module, object]:
+def check_row(row: Row):
+    """The row's training config, checked (None for a timm row): unknown configs, options and
+    timm models are refused here, before anything is measured."""
     if row.timm_model:
         try:
             import timm
         except ImportError:
             raise ConfigError(f"row {row.spec!r}: timm is not installed (pip install timm)") from None
+        if row.timm_model not in timm.list_models():
+            raise ConfigError(f"row {row.spec!r}: timm has no model {row.timm_model!r}")
+        return None
+    cfg = make_config({**resolve_config(row.config), "data": "generated", **row.overrides}, f"row {row.spec!r}")
+    check_config(cfg)
+    try:
+        meta_model(cfg)
+    except ConfigError as error:
+        raise ConfigError(f"row {row.spec!r}: {error}") from None
+    return cfg
+
+
+def build(row: Row, num_classes: int) -> tuple[torch.nn.Module, object]:
+    cfg = check_row(row)
+    if row.timm_model:
+        import timm
+
         row.precision = row.precision or "fp32"
         row.channels_last = bool(row.channels_last)
         row.compile = bool(row.compile)
         return timm.create_model(row.timm_model, pretrained=False, num_classes=num_classes), None
-    cfg = make_config({**resolve_config(row.config), "data": "generated", **row.overrides}, f"row {row.spec!r}")
-    check_config(cfg)
     row.resolution = row.resolution or native_resolution(cfg)
     row.precision = row.precision or cfg.precision
     row.channels_last = cfg.channels_last if row.channels_last is None else row.channels_last
@@ -290,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1 or args.timed_steps < 1 or args.warmup_steps < 0 or args.rounds < 1:
             raise ConfigError("--batch-size, --timed-steps and --rounds must be at least 1, --warmup-steps at least 0")
         rows = [parse_row(spec) for spec in args.compare] if args.mode != "data" else []
+        for row in rows:
+            check_row(row)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ from training.config import (
     check_config,
     from_dict,
     global_batch_size,
+    meta_model,
     model_overrides,
     native_resolution,
     parse_args,
@@ -165,8 +166,7 @@ def config_for_resume(cfg: TrainConfig, state: dict, path: Path, report) -> Trai
 
 def check_before_work(cfg: TrainConfig) -> None:
     """Everything that can be checked without reading data: the model's layers and the layout."""
-    with torch.device("meta"):
-        model = create_model(cfg.model, **model_overrides(cfg, cfg.num_classes or 1000))
+    model = meta_model(cfg)
     if cfg.fine_tune_epochs > 0:
         check_layer_name(model, cfg.fine_tune_first_trainable_layer)
     parallel.check_layout(cfg, model)

@@ -46,6 +46,10 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--compare", "demo@abc"], "resolution after @ must be an integer"),
     (["--compare", "demo+float8"], "unknown flag 'float8'"),
+    # refused before the matmul peak is measured, not as a traceback when the row is built
+    (["--compare", "demo", "no-such-config"], "unknown config 'no-such-config'"),
+    (["--compare", "demo", "demo+norm=group+norm_groups=7"], "the model of this config cannot be built: norm_groups=7"),
+    (["--compare", "timm:no_such_net"], "timm has no model 'no_such_net'"),
 ])
 def test_bad_options_exit_2_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_benchmark.main(argv) == 2

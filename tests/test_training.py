@@ -227,6 +227,7 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
         (["--config", "demo", "--resolution", "8"], "--resolution must be at least"),
         (["--config", "demo", "--fine-tune-first-trainable-layer", "blocks.9"], "has no layer 'blocks.9'"),
         (["--config", "demo", "--norm", "instance"], "--norm must be one of"),
+        (["--config", "demo", "--norm", "group", "--norm-groups", "7"], "cannot be built: norm_groups=7 does not divide"),
         (["--data", "imagenet", "--data-path", str(tmp_path / "missing")], "data path not found"),
         (["--config", "demo", "--data-path", str(tmp_path)], "--data-path is read only with --data imagenet"),
     ]:
@@ -234,6 +235,11 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("run_train.py", "--config", "demo", "--output-dir", str(blocker / "runs"))
+    assert result.returncode == 2 and "cannot create the run folder" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and blocker.read_text() == "not a folder"
 
 
 def test_help_and_list_configs() -> None:

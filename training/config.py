@@ -15,9 +15,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
-from models import FAMILY
+from models import FAMILY, create_model
 
 CONFIGS_FILE = Path(__file__).resolve().parent.parent / "configs.yml"
 MIN_RESOLUTION = 16  # below this, every stage from the third on sees 1x1 maps
@@ -329,6 +330,17 @@ def model_overrides(cfg: TrainConfig, num_classes: int) -> dict[str, object]:
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
     return overrides
+
+
+def meta_model(cfg: TrainConfig, num_classes: int | None = None) -> torch.nn.Module:
+    """The config's model on the meta device (no memory, no arithmetic), to check before any work
+    that it can be built: a model option that does not fit the network (norm groups that do not
+    divide a layer, say) is a ConfigError here, not a traceback later."""
+    try:
+        with torch.device("meta"):
+            return create_model(cfg.model, **model_overrides(cfg, num_classes or cfg.num_classes or 1000))
+    except ValueError as error:
+        raise ConfigError(f"the model of this config cannot be built: {error}") from None
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, object]:

@@ -82,7 +82,11 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot create the run folder {self.path.parent}: {error.strerror} "
+                              f"(check --output-dir)") from None
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -94,6 +98,9 @@ class RunLock:
                     ) from None
                 self.path.unlink(missing_ok=True)  # stale: its owner is gone
                 continue
+            except OSError as error:
+                raise ConfigError(f"cannot write to the run folder {self.path.parent}: {error.strerror} "
+                                  f"(check --output-dir)") from None
             with os.fdopen(fd, "w") as handle:
                 handle.write(str(os.getpid()))
             self.held = True
