@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import json
 import sys
 import tempfile
@@ -28,7 +29,7 @@ import parallel
 from datasets import DataError, SeededSampler, eval_transform, make_loader
 from models import create_model
 from models.flops import count_macs
-from training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from training.checkpoint import CheckpointError, atomic_write, list_checkpoints, load_checkpoint
 from training.config import (
     MIN_RESOLUTION,
     ConfigError,
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.retain_host_memory:
             retain_freed_memory()
         sources = find_sources(Path(args.checkpoint))
+        prefix = Path(args.output_prefix) if args.output_prefix else default_prefix(sources[0])
+        for target in [Path(f"{prefix}.csv")] + ([Path(args.plot)] if args.plot else []):
+            check_writable(target)  # before the sweep, which a failed write at the end would lose
         rows = []
         for source in sources:
             rows += sweep(source, args, resolutions)
@@ -87,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mark_best_and_pareto(rows)
     print(format_table(rows))
-    prefix = Path(args.output_prefix) if args.output_prefix else default_prefix(sources[0])
     write_outputs(rows, prefix)
     print(f"wrote {prefix}.csv and {prefix}.json", file=sys.stderr)
     if args.plot:
@@ -290,13 +293,24 @@ def default_prefix(source: Path) -> Path:
     return folder / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_writable(path: Path) -> None:
+    """Create the folder of an output file and try writing in it, or raise ConfigError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cannot write {path}: {error.strerror} (check --output-prefix / --plot)") from None
+
+
 def write_outputs(rows: list[dict], prefix: Path) -> None:
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{prefix}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    Path(f"{prefix}.json").write_text(json.dumps(rows, indent=2))
+    """The sweep as CSV and JSON, each written atomically (a reader never sees half a file)."""
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(Path(f"{prefix}.csv"), lambda handle: handle.write(table.getvalue().encode()))
+    atomic_write(Path(f"{prefix}.json"), lambda handle: handle.write(json.dumps(rows, indent=2).encode()))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -334,7 +348,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.suptitle("Test-resolution sweep (red star: best accuracy)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda handle: fig.savefig(handle, dpi=110, format="png"))
     plt.close(fig)
 
 

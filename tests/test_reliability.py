@@ -23,6 +23,7 @@ from datasets import DataError, ImageFolderDataset, check_classes
 from datasets.image_folder import Skipped, load_image
 from training.checkpoint import (
     CheckpointError,
+    atomic_write,
     list_checkpoints,
     load_checkpoint,
     newest_good_checkpoint,
@@ -111,6 +112,15 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
+    """Checkpoints, weights and sweeps are written through a temp file, created 0600; the result
+    must have the mode any other new file gets (0666 less the umask), as `open` would give it."""
+    atomic_write(tmp_path / "out.bin", lambda handle: handle.write(b"x"))
+    (tmp_path / "plain.bin").write_bytes(b"x")
+    mode = (tmp_path / "out.bin").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.bin").stat().st_mode & 0o777 and mode != 0o600
 
 
 def test_truncated_and_corrupt_checkpoints_are_refused_and_skipped(tmp_path: Path) -> None:

@@ -123,6 +123,8 @@ def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path) -> None
         (["--checkpoint", str(good), "--weights", "averaged"], "has no such weights"),
         (["--checkpoint", str(good), "--data-path", str(tmp_path)], "--data-path is read only with --data imagenet"),
         ([], "--checkpoint PATH is required"),
+        (["--checkpoint", str(good), "--output-prefix", str(corrupt / "sweep")], f"cannot write {corrupt}"),
+        (["--checkpoint", str(good), "--plot", str(corrupt / "sweep.png")], f"cannot write {corrupt}"),
     ]:
         result = run_cli("run_validate.py", *args)
         assert result.returncode == 2, (args, result.stderr)

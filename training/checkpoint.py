@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 FORMAT_VERSION = 1
+_UMASK = os.umask(0o022)  # read once (it can only be read by setting it), then restored
+os.umask(_UMASK)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{9})(?:-(train|fine_tune)-epoch(\d{4}))?\.pt$")
 
 
@@ -28,6 +30,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to their writer
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
