@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from datasets import DataError
 from models import create_model
 from models.flops import count_macs
 from training.config import (
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--mode must be train, inference or data, got {args.mode!r}")
         if args.batch_size < 1 or args.timed_steps < 1 or args.warmup_steps < 0 or args.rounds < 1:
             raise ConfigError("--batch-size, --timed-steps and --rounds must be at least 1, --warmup-steps at least 0")
+        if args.mode == "data" and (args.workers < 0 or args.jpegs < 1 or args.resolution < 1):
+            raise ConfigError("--workers must be at least 0, --jpegs and --resolution at least 1")
         rows = [parse_row(spec) for spec in args.compare] if args.mode != "data" else []
         for row in rows:
             check_row(row)
@@ -323,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f" | host memory {'retained' if retained else 'returned to the OS'}")
     if args.mode == "data":
-        result = benchmark_loader(args)
+        try:
+            result = benchmark_loader(args)
+        except DataError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         print(f"{result['row']}: {result['images_per_s']:.1f} images/s, "
               f"{result['images_per_s_per_worker']:.1f} per worker, at {result['resolution']} px")
         return 0
