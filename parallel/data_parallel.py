@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,6 +33,12 @@ class Runner:
         self.ctx = ctx
         self.ddp: DistributedDataParallel | None = None
         if ctx.distributed and ctx.replicas > 1:
+            # With Proxy Norm, a projection's 1×1 weight gets two gradients (its conv and the SE
+            # offset's matmul); their sum can carry other strides on the size-1 kernel dimensions
+            # than the channels_last weight. That is the same memory layout (autograd's layout
+            # contract ignores size-1 dimensions, and DDP copies the gradient into its bucket
+            # either way), but DDP compares every stride and warns. Only that warning is hidden.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(model, device_ids=device_ids)
         module = self.ddp if self.ddp is not None else model

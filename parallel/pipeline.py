@@ -61,26 +61,48 @@ def split_indices(model: nn.Module, splits: list[str]) -> list[int]:
 
 
 class StageModule(nn.Module):
-    def __init__(self, units: list[tuple[str, nn.Module]]) -> None:
+    """One pipeline stage's units. Activations cross between stages in the default (NCHW)
+    layout: point-to-point sends and receives need contiguous tensors (gloo refuses others), and
+    the receiving stage's buffers are made from what the sender's output looked like. A
+    channels_last model turns them back to channels_last on arrival."""
+
+    def __init__(self, units: list[tuple[str, nn.Module]], channels_last: bool = False) -> None:
         super().__init__()
         self.unit_names = [name for name, _ in units]
         self.units = nn.ModuleList(module for _, module in units)
+        self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = ChannelsLastInside.apply(x)
         for unit in self.units:
             x = unit(x)
-        return x
+        return x.contiguous()
+
+
+class ChannelsLastInside(torch.autograd.Function):
+    """x in channels_last, with its gradient given back contiguous (the previous stage receives
+    it into a buffer shaped like the tensor this stage was sent)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 class PipelineRunner:
     """The Runner interface (micro_step, full_state, ...) for a pipelined, replicated model."""
 
-    def __init__(self, model: nn.Module, ctx: Context, splits: list[str], schedule: str) -> None:
+    def __init__(self, model: nn.Module, ctx: Context, splits: list[str], schedule: str,
+                 channels_last: bool = False) -> None:
         self.model = model
         self.ctx = ctx
         units = pipeline_units(model)
         bounds = [0, *split_indices(model, splits), len(units)]
-        self.stage_module = StageModule(units[bounds[ctx.stage]: bounds[ctx.stage + 1]])
+        self.stage_module = StageModule(units[bounds[ctx.stage]: bounds[ctx.stage + 1]], channels_last)
         owned = {id(t) for t in list(self.stage_module.parameters()) + list(self.stage_module.buffers())}
         self.owned_keys = {name for name, t in list(model.named_parameters()) + list(model.named_buffers())
                            if id(t) in owned}
