@@ -8,6 +8,7 @@ validate. `--list-configs` lists the named configs; every option is in `--help`.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import random
@@ -226,7 +227,10 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
 
         # ---- fine-tune the head at the test resolution (reduced-resolution training)
         if needs_fine_tune(cfg):
+            runner = None  # its DDP reducer expects gradients for every parameter: drop it (and its hooks)
+            gc.collect()
             phase = make_fine_tune_phase(cfg, model, num_classes, len(train_set), ctx)
+            runner = parallel.wrap(model, cfg, ctx)  # over the trainable parameters only
             if progress.phase == "train":
                 progress = dataclasses.replace(progress, phase="fine_tune", epoch=0, micro_batch=0)
             elif state is not None:

@@ -128,6 +128,20 @@ def test_channels_last_pipeline_and_replicas_match_one_process(runs: Path) -> No
     assert all(torch.isfinite(w).all() for w in final_weights(runs / "bf16").values())
 
 
+def test_half_res_training_with_replicas_equals_one_process(runs: Path) -> None:
+    """The fine-tune at the test resolution freezes all but the head: the replicas' DDP wrapper of
+    the training phase, which waits for every parameter's gradient, must not be the one used."""
+    common = [*EXACT, "--half-res-training", "--fine-tune-epochs", "1"]
+    assert run_train.main(tiny_train_args(runs, *common, "--micro-batch-size", "8", "--run-name", "single")) == 0
+    result = torchrun(2, tiny_train_args(runs, *common, "--micro-batch-size", "4", "--replicas", "2",
+                                         "--run-name", "ddp"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    phases = [json.loads(line).get("phase") for line in (runs / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert "fine_tune" in phases
+    # fp32 sums over 8 images against 2 × 4 round differently: up to 2e-5 here after the 24 px phase
+    assert_same_weights(final_weights(runs / "single"), final_weights(runs / "ddp"), atol=5e-5)
+
+
 def test_layout_errors_are_refused_before_work(runs: Path) -> None:
     from conftest import run_cli
 
