@@ -192,7 +192,7 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None) -> 
     cfg, state = load_source(source, args.weights)
     overrides = {name: getattr(args, name) for name in ("data", "data_path", "workers", "precision", "channels_last",
                                                         "crop_pct") if getattr(args, name) is not None}
-    if args.data is not None and args.data != "imagenet" and args.data_path is None:
+    if (args.data or cfg.data) != "imagenet" and args.data_path is None:
         overrides["data_path"] = None  # the checkpoint's ImageNet folder is not read for --data demo/generated
     cfg = dataclasses.replace(cfg, **overrides, device=args.device, replicas=1, pipeline_splits=[],
                               progress=args.progress)

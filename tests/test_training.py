@@ -3,6 +3,7 @@ reduced-resolution flow, robust data, and every named config."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -22,6 +23,7 @@ from training.config import (
     TrainConfig,
     check_config,
     config_names,
+    from_dict,
     make_config,
     model_overrides,
     parse_args,
@@ -205,6 +207,18 @@ def test_command_line_beats_config_beats_defaults() -> None:
     assert cfg.lr_decay == 0.5  # from the command line
     assert cfg.half_res_training is True
     assert cfg.crop_pct == TrainConfig().crop_pct  # default
+
+
+def test_saved_config_keeps_data_path_only_for_imagenet() -> None:
+    """A run saved with --data demo and a --data-path (accepted, and ignored, before that pairing was
+    refused) still loads; an ImageNet run keeps its folder."""
+    old_demo = dataclasses.asdict(make_config({"data": "demo"}))
+    old_demo["data_path"] = "/data/imagenet"
+    loaded = from_dict(old_demo, "old run")
+    assert loaded.data == "demo" and loaded.data_path is None
+    check_config(loaded)
+    imagenet = from_dict({**old_demo, "data": "imagenet"}, "run")
+    assert imagenet.data_path == "/data/imagenet"
 
 
 def test_unknown_config_and_keys_suggest_close_matches(tmp_path: Path) -> None:

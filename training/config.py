@@ -348,8 +348,14 @@ def to_dict(cfg: TrainConfig) -> dict[str, object]:
 
 
 def from_dict(values: dict[str, object], source: str) -> TrainConfig:
-    """Rebuild a config saved in a run folder or checkpoint (unknown keys are an error)."""
-    return make_config(dict(values), source)
+    """Rebuild a config saved in a run folder or checkpoint (unknown keys are an error).
+
+    A data_path beside data other than imagenet was never read; versions before that pairing was
+    refused saved it, so it is dropped here rather than refused in a run already made."""
+    values = dict(values)
+    if values.get("data", "imagenet") != "imagenet":
+        values["data_path"] = None
+    return make_config(values, source)
 
 
 # ---------------------------------------------------------------------------- command line
