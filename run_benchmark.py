@@ -56,14 +56,14 @@ from training.optim import optimizer_from_config
 class BenchmarkConfig:
     compare: list[str] = field(default_factory=lambda: ["efficientnet-b0-g16-lnpn"])  # rows, see above
     mode: str = "train"  # train | inference | data
-    batch_size: int = 32
-    warmup_steps: int = 2
-    timed_steps: int = 5
+    batch_size: int = 32  # images per step (and per loader batch in data mode)
+    warmup_steps: int = 2  # untimed steps before each row's (or round's) timed ones
+    timed_steps: int = 5  # timed steps per row and round; the median is reported
     rounds: int = 1  # >1: cycle through all rows this many times, rows interleaved (models kept in memory)
     threads: int | None = None  # torch intra-op threads (None: PyTorch's default)
     retain_host_memory: bool = True  # keep freed host memory for reuse (see training/host_memory.py)
-    device: str = "auto"
-    num_classes: int = 1000
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    num_classes: int = 1000  # classifier size of the benchmarked models
     # data mode
     data_path: str | None = None  # class folders of JPEGs; None: generate ImageNet-like JPEGs
     jpegs: int = 64  # images to generate when no --data-path

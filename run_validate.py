@@ -64,10 +64,10 @@ class ValidateConfig:
     workers: int | None = None
     precision: str | None = None  # fp32 | bf16 | fp16
     channels_last: bool | None = None
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_prefix: str | None = None  # CSV/JSON path prefix; None: <run folder>/sweep-<time>
     plot: str | None = None  # PNG file: accuracy vs images/s and vs GMACs
-    progress: bool = True
+    progress: bool = True  # progress bars
     retain_host_memory: bool = True  # keep freed host memory for reuse (see training/host_memory.py)
 
 

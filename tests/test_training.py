@@ -259,6 +259,9 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
 def test_help_and_list_configs() -> None:
     result = run_cli("run_train.py", "--help")
     assert result.returncode == 0
+    for script in ("run_train.py", "run_validate.py", "run_benchmark.py"):  # every option explained
+        text = result.stdout if script == "run_train.py" else run_cli(script, "--help").stdout
+        assert "--device" in text and "__TEMP__" not in text, script
     for text in ("--half-res-training", "--fine-tune-first-trainable-layer", "--precision", "--resume"):
         assert text in result.stdout
     assert "default: 0.875" in result.stdout or "(default: 0.875)" in result.stdout

@@ -69,14 +69,14 @@ class TrainConfig:
     optimizer: str = "rmsprop"  # rmsprop (TF form) | sgd | adamw
     lr: float | None = None  # None: lr_per_image × global batch
     lr_per_image: float = 2.0**-14  # the paper's LR rule (0.046875 at batch 768)
-    momentum: float = 0.9
-    nesterov: bool = False
-    rmsprop_decay: float = 0.953125
-    optimizer_eps: float = 1e-3
+    momentum: float = 0.9  # momentum of rmsprop and sgd
+    nesterov: bool = False  # Nesterov momentum (sgd)
+    rmsprop_decay: float = 0.953125  # rmsprop: decay of the mean square
+    optimizer_eps: float = 1e-3  # rmsprop: inside the square root; adamw: its eps
     weight_decay: float = 1e-5  # conv/linear weights only
     proxy_weight_decay: float = 1e-5  # Proxy Norm's β̃, γ̃
-    label_smoothing: float = 0.1
-    warmup_epochs: float = 5.0
+    label_smoothing: float = 0.1  # of the cross-entropy targets
+    warmup_epochs: float = 5.0  # linear LR warm-up from 0
     lr_schedule: str = "exponential"  # exponential | cosine
     lr_decay: float = 0.97  # exponential: factor ...
     lr_decay_epochs: float = 2.4  # ... every this many epochs
@@ -94,7 +94,7 @@ class TrainConfig:
 
     # ---- precision and speed
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC memory format for the model and its inputs
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     retain_host_memory: bool = True  # keep freed host memory for reuse (no per-step page faults)
@@ -107,7 +107,7 @@ class TrainConfig:
     # ---- run, checkpoints, logging
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (exact resumes on CPU need no more)
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # where run folders are made
     run_name: str | None = None  # None: <config>-<date>-<time>
     resume: str | None = None  # checkpoint path, run folder, or "auto" (newest good checkpoint)
     checkpoint_every_steps: int = 0  # also checkpoint every N steps (0 = epochs only)
@@ -116,7 +116,7 @@ class TrainConfig:
     skip_nonfinite_steps: int = 0  # tolerate this many NaN/Inf losses (skipped) before stopping
     progress: bool = True  # tqdm progress bars
     wandb: bool = False  # log to Weights & Biases (offline unless WANDB_API_KEY is set)
-    wandb_project: str = "efficientnet-g16"
+    wandb_project: str = "efficientnet-g16"  # Weights & Biases project name
     stop_after_steps: int | None = None  # stop after this many steps in all, checkpointing as on SIGTERM
 
 
