@@ -28,6 +28,7 @@ from training.config import (
     model_overrides,
     parse_args,
     resolve_config,
+    training_resolution,
 )
 from training.mixing import BatchMixer, FixedCutMix
 from training.optim import LRSchedule, RMSpropTF, build_optimizer, optimizer_from_config, parameter_groups
@@ -207,6 +208,20 @@ def test_command_line_beats_config_beats_defaults() -> None:
     assert cfg.lr_decay == 0.5  # from the command line
     assert cfg.half_res_training is True
     assert cfg.crop_pct == TrainConfig().crop_pct  # default
+
+
+def test_half_resolution_follows_the_test_resolution() -> None:
+    """--half-res-training at the model's native resolution trains at the paper's half resolution;
+    at another --resolution, at the same proportion of it (never above the test resolution)."""
+    assert training_resolution(make_config({"model": "efficientnet-b0", "half_res_training": True})) == 160
+    assert training_resolution(make_config({"model": "efficientnet-b2", "half_res_training": True})) == 196
+    scaled = make_config({"model": "efficientnet-b0", "half_res_training": True, "resolution": 112})
+    assert training_resolution(scaled) == 80  # 160 × 112 / 224
+    assert training_resolution(make_config({**dataclasses.asdict(scaled), "half_resolution": 96})) == 96
+    assert training_resolution(make_config({**dataclasses.asdict(scaled), "half_res_training": False})) == 112
+    check_config(make_config({**dataclasses.asdict(scaled), "data": "generated"}))
+    with pytest.raises(ConfigError, match="not below the test resolution 112 px"):
+        check_config(make_config({**dataclasses.asdict(scaled), "data": "generated", "half_resolution": 112}))
 
 
 def test_saved_config_keeps_data_path_only_for_imagenet() -> None:

@@ -53,7 +53,7 @@ class TrainConfig:
     num_classes: int | None = None  # None: the number of class folders (1000 for generated)
     resolution: int | None = None  # test (native) resolution; None: the model's
     half_res_training: bool = False  # train at half_resolution, then fine-tune at resolution
-    half_resolution: int | None = None  # None: the paper's half resolution for the model
+    half_resolution: int | None = None  # None: the paper's for the model, scaled as --resolution is
     train_resolution: int | None = None  # train at this resolution (overrides the above)
     crop_pct: float = 0.875  # test-time centre crop fraction (short side = res / crop_pct)
     min_crop_area: float = 0.05  # smallest area of the random-resized crop
@@ -270,6 +270,9 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < MIN_RESOLUTION:
             raise ConfigError(f"{option(name)} must be at least {MIN_RESOLUTION} pixels, got {value}")
+    if cfg.half_res_training and not cfg.train_resolution and training_resolution(cfg) >= native_resolution(cfg):
+        raise ConfigError(f"--half-res-training trains at {training_resolution(cfg)} px, not below the test "
+                          f"resolution {native_resolution(cfg)} px: set --half-resolution below --resolution")
     for name in ("lr", "lr_per_image", "fine_tune_lr_per_image"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
@@ -306,8 +309,15 @@ def training_resolution(cfg: TrainConfig) -> int:
     if cfg.train_resolution:
         return cfg.train_resolution
     if cfg.half_res_training:
-        return cfg.half_resolution or FAMILY[cfg.model].half_resolution
+        return cfg.half_resolution or paper_half_resolution(cfg)
     return native_resolution(cfg)
+
+
+def paper_half_resolution(cfg: TrainConfig) -> int:
+    """The paper's half resolution for the model (B0: 160 for 224), in the same proportion to
+    --resolution when that is not the model's native one (B0 at --resolution 112: 80, not 160)."""
+    member = FAMILY[cfg.model]
+    return max(MIN_RESOLUTION, round(member.half_resolution * native_resolution(cfg) / member.resolution))
 
 
 def global_batch_size(cfg: TrainConfig) -> int:
