@@ -420,10 +420,10 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             + (f", val top-1 {record['val_top1']:.2f} % top-5 {record['val_top5']:.2f} %" if "val_top1" in record else "")
             + (f", {record['skipped_images']} images skipped" if record["skipped_images"] else "")
         )
-        write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, True, runner)
+        path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, True, runner)
         stop_code = stop_requested(cfg, ctx, stopper, progress)
         if stop_code and not (last and phase.name == "fine_tune"):
-            raise StopRequested(stop_code, None)
+            raise StopRequested(stop_code, path)
 
 
 def stop_requested(cfg: TrainConfig, ctx, stopper, progress: Progress) -> int:

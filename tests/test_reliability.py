@@ -89,6 +89,7 @@ def test_sigterm_and_sigint_checkpoint_and_exit_cleanly(tmp_path: Path, referenc
     output = process.communicate(timeout=120)[0]
     assert process.returncode == code, output
     assert "Traceback" not in output and "--resume auto" in output
+    assert f"checkpoint {list_checkpoints(tmp_path / 'stopped')[-1]}" in output  # names what it wrote
     assert run_train.main([*args, "--resume", "auto"]) == 0
     _same_state(list_checkpoints(tmp_path / "stopped")[-1], reference_run)
 
