@@ -68,7 +68,14 @@ def open_split(
     else:
         raise DataError(f"unknown --data {kind!r}; choose from {', '.join(DATA_KINDS)}")
     classes = check_classes(root)
-    return ImageFolderDataset(split_folder(root, split), transform, classes, strict, draft_short_side)
+    dataset = ImageFolderDataset(split_folder(root, split), transform, classes, strict, draft_short_side)
+    if split == "train":  # a class without training images would be learned as never occurring
+        found = {label for _, label in dataset.samples}
+        empty = [name for label, name in enumerate(classes) if label not in found]
+        if empty:
+            raise DataError(f"{len(empty)} class folder(s) under {dataset.root} hold no image files: "
+                            f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
+    return dataset
 
 
 def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[Skipped]]:

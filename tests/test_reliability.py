@@ -19,7 +19,7 @@ from PIL import Image
 
 import run_train
 from conftest import ROOT, run_cli, tiny_train_args
-from datasets import DataError, ImageFolderDataset, check_classes
+from datasets import DataError, ImageFolderDataset, check_classes, open_split
 from datasets.image_folder import Skipped, load_image
 from training.checkpoint import (
     CheckpointError,
@@ -255,6 +255,12 @@ def test_missing_empty_and_mismatched_folders_are_clear_errors(tmp_path: Path) -
     result = run_cli("run_train.py", "--data", "imagenet", "--data-path", str(tmp_path), "--output-dir",
                      str(tmp_path / "runs"))
     assert result.returncode == 2 and "no image files" in result.stderr and "Traceback" not in result.stderr
+    # one class with images, one without: refused for training (never learned), fine for validation
+    for split in ("train", "validation"):
+        Image.new("RGB", (40, 40)).save(tmp_path / split / "cat" / "a.jpg")
+    with pytest.raises(DataError, match="1 class folder\\(s\\) under .*train hold no image files: dog"):
+        open_split("imagenet", "train", lambda image: image, str(tmp_path))
+    assert len(open_split("imagenet", "validation", lambda image: image, str(tmp_path))) == 1
 
 
 # ---------------------------------------------------------------------------- bad options
