@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from datasets import DataError
 from models import create_model
 from models.flops import count_macs
+from parallel.context import ParallelError, pick_device
 from training.config import (
     ConfigError,
     check_config,
@@ -313,14 +314,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = [parse_row(spec) for spec in args.compare] if args.mode != "data" else []
         for row in rows:
             check_row(row)
-    except ConfigError as error:
+        device = pick_device(args.device, 0)
+    except (ConfigError, ParallelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     retained = args.retain_host_memory and retain_freed_memory()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()} | "
           f"{torch.get_num_threads()} threads | torch {torch.__version__} | device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")

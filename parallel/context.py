@@ -100,9 +100,12 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda":
         return torch.device(f"cuda:{local_rank}")
     try:
-        return torch.device(requested)
+        device = torch.device(requested)
     except RuntimeError:
         raise ParallelError(f"--device {requested!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ParallelError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def setup(cfg) -> Context:

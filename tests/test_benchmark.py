@@ -52,6 +52,8 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--compare", "timm:no_such_net"], "timm has no model 'no_such_net'"),
     (["--mode", "data", "--data-path", "/no/such/folder"], "data folder not found: /no/such/folder"),
     (["--mode", "data", "--workers", "-1"], "--workers must be at least 0"),
+    (["--device", "cuda:99"], "--device cuda:99: "),  # no CUDA device, or not that many
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
 ])
 def test_bad_options_exit_2_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_benchmark.main(argv) == 2
