@@ -27,16 +27,12 @@ from torch import nn
 
 import parallel
 from datasets import DataError, SeededSampler, eval_transform, make_loader
-from models import create_model
 from models.flops import count_macs
-from training.checkpoint import CheckpointError, atomic_write, list_checkpoints, load_checkpoint
+from training.checkpoint import CheckpointError, atomic_write, list_checkpoints
 from training.config import (
     MIN_RESOLUTION,
     ConfigError,
-    TrainConfig,
     check_config,
-    from_dict,
-    model_overrides,
     native_resolution,
     parse_dataclass,
 )
@@ -44,8 +40,7 @@ from training.data import open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
 from training.host_memory import retain_freed_memory
 from training.measure import inference_throughput, peak_memory_bytes
-
-WEIGHTS = {"raw": "model", "ema": "ema", "averaged": "epoch_average"}
+from training.trained import WEIGHTS, load_weights, model_from_weights
 
 
 @dataclass
@@ -157,39 +152,11 @@ def find_sources(path: Path) -> list[Path]:
     return [path]
 
 
-def load_source(path: Path, weights: str) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
-    """Config and state dict from a checkpoint (.pt) or exported weights (.safetensors)."""
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
-
-        try:
-            with safe_open(str(path), "pt") as handle:
-                metadata = handle.metadata() or {}
-            state = load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"weights file {path} is truncated or corrupt: {error}") from None
-        if "config" not in metadata:
-            raise CheckpointError(f"{path} carries no config in its metadata; export it with run_train.py")
-        if weights != "raw":
-            raise ConfigError(f"--weights {weights}: {path} holds only the final weights; use --weights raw")
-        return from_dict(json.loads(metadata["config"]), f"config in {path}"), state
-    state = load_checkpoint(path)
-    cfg = from_dict(state["config"], f"config saved in {path}")
-    chosen = state.get(WEIGHTS[weights])
-    if chosen is None:
-        have = [name for name, key in WEIGHTS.items() if state.get(key) is not None]
-        raise ConfigError(f"--weights {weights}: {path} has no such weights (it has: {', '.join(have)})")
-    if weights != "raw":  # AveragedModel state: module.* plus its n_averaged counter
-        chosen = {k.removeprefix("module."): v for k, v in chosen.items() if k != "n_averaged"}
-    return cfg, chosen
-
-
 # ---------------------------------------------------------------------------- the sweep
 
 
 def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None) -> list[dict]:
-    cfg, state = load_source(source, args.weights)
+    cfg, state = load_weights(source, args.weights)
     overrides = {name: getattr(args, name) for name in ("data", "data_path", "workers", "precision", "channels_last",
                                                         "crop_pct") if getattr(args, name) is not None}
     if (args.data or cfg.data) != "imagenet" and args.data_path is None:
@@ -199,13 +166,8 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None) -> 
     check_config(cfg)
     ctx = parallel.setup(cfg)
     device = ctx.device
-    num_classes = state["classifier.1.weight"].shape[0]
-    model = create_model(cfg.model, **model_overrides(cfg, num_classes))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"{source}: weights do not fit the model in its config: "
-                              f"{str(error).splitlines()[0]}") from None
+    model = model_from_weights(cfg, state, source)
+    num_classes = model.config.num_classes
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
     val_set = open_dataset(cfg, "validation", native_resolution(cfg), num_classes)

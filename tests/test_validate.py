@@ -9,12 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import run_train
 import run_validate
 from conftest import run_cli, tiny_train_args
-from training.checkpoint import list_checkpoints
+from datasets import DEMO_ROOT, ImageFolderDataset, SeededSampler, check_classes, eval_transform, make_loader
+from training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from training.config import ConfigError
+from training.evaluate import evaluate
 from training.measure import inference_throughput
+from training.trained import load_trained_model
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +110,31 @@ def test_throughput_is_eval_mode_no_grad_and_excludes_warmup() -> None:
     assert all(call == (False, False) for call in model.calls)
     assert model.training  # restored afterwards
     assert result["images_per_s"] == pytest.approx(4 / result["median_batch_s"])
+
+
+def test_trained_model_loads_in_python_and_scores_as_the_run_did(trained_run: Path, tmp_path: Path) -> None:
+    """`load_trained_model`, for users of the weights outside the CLIs: the exported model
+    scores on the validation set what the run reported for it, and a checkpoint gives each of its
+    weight sets."""
+    model, cfg = load_trained_model(trained_run / "model.safetensors")
+    assert not model.training and cfg.model == "efficientnet-b0"
+    val = ImageFolderDataset(DEMO_ROOT / "validation", eval_transform(cfg.resolution, cfg.crop_pct),
+                             check_classes(DEMO_ROOT))
+    loader = make_loader(val, 64, SeededSampler(len(val), 0, shuffle=False), 0)
+    reported = json.loads((trained_run / "final.json").read_text())
+    assert evaluate(model, loader, torch.device("cpu"))["top1"] == pytest.approx(reported["top1"], abs=1e-6)
+
+    checkpoint = list_checkpoints(trained_run)[-1]
+    state = load_checkpoint(checkpoint)
+    ema, _ = load_trained_model(checkpoint, "ema")
+    for name, tensor in ema.state_dict().items():
+        assert torch.equal(tensor, state["ema"][f"module.{name}"]), name
+    with pytest.raises(ConfigError, match="--weights must be one of"):
+        load_trained_model(checkpoint, "best")
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(trained_run / "model.safetensors"), bare)
+    with pytest.raises(CheckpointError, match="carries no config"):
+        load_trained_model(bare)
 
 
 def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path) -> None:

@@ -1,0 +1,77 @@
+"""What a run leaves behind, loaded back: a checkpoint (.pt) or exported weights (.safetensors)
+as (config, weights), or as a ready model.
+
+    from training.trained import load_trained_model
+    model, cfg = load_trained_model("runs/demo-20261125-223620/model.safetensors")
+
+Checkpoints load with `weights_only=True` and safetensors hold no code, so neither runs anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from models import EfficientNet, create_model
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ConfigError, TrainConfig, from_dict, model_overrides
+
+# --weights choice → the checkpoint entry holding those weights
+WEIGHTS = {"raw": "model", "ema": "ema", "averaged": "epoch_average"}
+
+
+def load_weights(path: str | Path, weights: str = "raw") -> tuple[TrainConfig, dict[str, torch.Tensor]]:
+    """The run's config and one set of its weights (`raw`, `ema` or `averaged`) as a state dict."""
+    path = Path(path)
+    if weights not in WEIGHTS:
+        raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        if not path.is_file():
+            raise CheckpointError(f"weights file not found: {path}")
+        try:
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"weights file {path} is truncated or corrupt: {error}") from None
+        if "config" not in metadata:
+            raise CheckpointError(f"{path} carries no config in its metadata; export it with run_train.py")
+        if weights != "raw":
+            raise ConfigError(f"--weights {weights}: {path} holds only the final weights; use --weights raw")
+        return from_dict(json.loads(metadata["config"]), f"config in {path}"), state
+    state = load_checkpoint(path)
+    cfg = from_dict(state["config"], f"config saved in {path}")
+    chosen = state.get(WEIGHTS[weights])
+    if chosen is None:
+        have = [name for name, key in WEIGHTS.items() if state.get(key) is not None]
+        raise ConfigError(f"--weights {weights}: {path} has no such weights (it has: {', '.join(have)})")
+    if weights != "raw":  # AveragedModel state: module.* plus its n_averaged counter
+        chosen = {k.removeprefix("module."): v for k, v in chosen.items() if k != "n_averaged"}
+    return cfg, chosen
+
+
+def model_from_weights(cfg: TrainConfig, state: dict[str, torch.Tensor], source: str | Path) -> EfficientNet:
+    """The config's model (its classifier sized by the weights) holding `state`, in eval mode."""
+    num_classes = state["classifier.1.weight"].shape[0] if "classifier.1.weight" in state else None
+    if num_classes is None:
+        raise CheckpointError(f"{source}: no classifier weights (classifier.1.weight): not weights of this model")
+    model = create_model(cfg.model, **model_overrides(cfg, num_classes))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{source}: weights do not fit the model in its config: "
+                              f"{str(error).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load_trained_model(path: str | Path, weights: str = "raw") -> tuple[EfficientNet, TrainConfig]:
+    """(model in eval mode on the CPU, its training config) from a checkpoint or exported weights.
+    The config says how to preprocess: `datasets.eval_transform(resolution, cfg.crop_pct)`."""
+    cfg, state = load_weights(path, weights)
+    return model_from_weights(cfg, state, path), cfg
