@@ -256,6 +256,9 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
         (["--config", "demo", "--resolution", "8"], "--resolution must be at least"),
         (["--config", "demo", "--fine-tune-first-trainable-layer", "blocks.9"], "has no layer 'blocks.9'"),
         (["--config", "demo", "--norm", "instance"], "--norm must be one of"),
+        (["--config", "demo", "--stochastic-depth", "1.5"], "--stochastic-depth must be at least 0 and below 1"),
+        (["--config", "demo", "--depth", "-1"], "--depth must be positive"),
+        (["--config", "demo", "--weight-decay", "-1"], "--weight-decay must not be negative"),
         (["--config", "demo", "--norm", "group", "--norm-groups", "7"], "cannot be built: norm_groups=7 does not divide"),
         (["--data", "imagenet", "--data-path", str(tmp_path / "missing")], "data path not found"),
         (["--config", "demo", "--data-path", str(tmp_path)], "--data-path is read only with --data imagenet"),
@@ -409,9 +412,12 @@ def step():
     F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
 step(); step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-step(); step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults), sum(faults))
 """
 
 
@@ -424,6 +430,10 @@ def test_retained_host_memory_is_reused_without_page_faults() -> None:
     for mode in ("return", "retain"):
         done = subprocess.run([sys.executable, "-c", _PAGE_FAULT_PROBE, mode], cwd=root, capture_output=True,
                               text=True, check=True)
-        faults[mode] = int(done.stdout.split()[-1])
-    assert faults["return"] > 5000, faults  # glibc's default: big blocks are mmap'ed fresh each step
-    assert faults["retain"] < faults["return"] / 5, faults
+        fewest, total = map(int, done.stdout.split()[-2:])
+        faults[mode] = dict(fewest=fewest, total=total)
+    # glibc's default maps big blocks fresh and unmaps them on free; its thresholds adapt, so one
+    # step may fault little, but 8 steps fault thousands of pages
+    assert faults["return"]["total"] > 5000, faults
+    # retained: a step that faults no page at all (one step may still grow the heap once)
+    assert faults["retain"]["fewest"] <= 100 and faults["retain"]["total"] < faults["return"]["total"] / 4, faults

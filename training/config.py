@@ -139,8 +139,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pipeline_schedule": ("gpipe", "1f1b"),
 }
 POSITIVE_INTS = ("micro_batch_size", "gradient_accumulation", "replicas", "group_size", "expand_ratio", "norm_groups")
-NON_NEGATIVE = ("epochs", "workers", "fine_tune_epochs", "checkpoint_every_steps", "validate_every", "warmup_epochs")
-UNIT_INTERVAL = ("mixup_alpha", "hflip", "ema_decay", "epoch_average_decay", "label_smoothing", "dropout")
+NON_NEGATIVE = ("epochs", "workers", "fine_tune_epochs", "checkpoint_every_steps", "validate_every", "warmup_epochs",
+                "mixup_alpha", "weight_decay", "proxy_weight_decay", "momentum")
+UNIT_INTERVAL = ("hflip",)  # [0, 1]
+BELOW_ONE = ("ema_decay", "epoch_average_decay", "label_smoothing", "dropout", "stochastic_depth",  # [0, 1)
+             "rmsprop_decay")
+POSITIVE = ("width", "depth", "norm_eps", "lr_decay", "lr_decay_epochs", "optimizer_eps")  # > 0 (None: default)
 
 
 def option(name: str) -> str:
@@ -258,8 +262,18 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"{option(name)} must not be negative, got {getattr(cfg, name)}")
     for name in UNIT_INTERVAL:
         value = getattr(cfg, name)
-        if value is not None and not 0.0 <= value <= 1.0 and not (name == "mixup_alpha" and value >= 0):
+        if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(f"{option(name)} must be between 0 and 1, got {value}")
+    for name in BELOW_ONE:
+        value = getattr(cfg, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{option(name)} must be at least 0 and below 1, got {value}")
+    for name in POSITIVE:
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{option(name)} must be positive, got {value}")
+    if cfg.lr_decay > 1:
+        raise ConfigError(f"--lr-decay is a factor in (0, 1], got {cfg.lr_decay}")
     if not 0.0 < cfg.cutmix_lambda <= 1.0:
         raise ConfigError(f"--cutmix-lambda must be in (0, 1] (1 = off), got {cfg.cutmix_lambda}")
     if not 0.0 < cfg.crop_pct <= 1.0:
