@@ -155,6 +155,11 @@ def find_run(cfg: TrainConfig, ctx: parallel.Context) -> tuple[Path, dict | None
 def config_for_resume(cfg: TrainConfig, state: dict, path: Path, report) -> TrainConfig:
     """The checkpoint's config, with run-control options from the command line."""
     saved = from_dict(state["config"], f"config saved in {path}")
+    if cfg.replicas != saved.replicas:  # the pipeline layout may change on resume; the replicas may not
+        raise ConfigError(
+            f"{path} was trained with --replicas {saved.replicas} (global batch {global_batch_size(saved)}); "
+            f"resuming with --replicas {cfg.replicas} would change the global batch, the LR and the data order "
+            f"of the epoch: resume with --replicas {saved.replicas}")
     ignored = [
         f"--{f.name.replace('_', '-')}"
         for f in dataclasses.fields(cfg)

@@ -95,6 +95,9 @@ def test_two_stage_pipeline_equals_unsplit_model(runs: Path) -> None:
     # the pipelined checkpoint loads into a single-process run, which continues from it
     assert run_train.main(tiny_train_args(runs, *common, "--run-name", "pipe", "--resume", "auto",
                                           "--stop-after-steps", "100")) == 0
+    # the number of replicas sets the global batch: it may not change on resume
+    more = torchrun(2, tiny_train_args(runs, *common, "--run-name", "pipe", "--resume", "auto", "--replicas", "2"))
+    assert more.returncode != 0 and "was trained with --replicas 1" in more.stderr, more.stderr[-3000:]
 
 
 def test_two_stages_times_two_replicas(runs: Path) -> None:
