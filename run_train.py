@@ -30,6 +30,7 @@ from models import create_model
 from training.averaging import make_average
 from training.checkpoint import (
     CheckpointError,
+    atomic_write,
     checkpoint_name,
     export_safetensors,
     list_checkpoints,
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             retain_freed_memory()
         ctx = parallel.setup(cfg)
         run_dir, state, state_path = find_run(cfg, ctx)
+        if state is not None and (run_dir / "final.json").is_file():  # written last: the run is complete
+            ctx.print(f"run {run_dir} has already finished: results in final.json, weights in model.safetensors")
+            return 0
         if state is not None:
             cfg = config_for_resume(cfg, state, state_path, ctx.print)
             check_before_work(cfg)
@@ -247,7 +251,8 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     if ctx.is_main:
         export_safetensors(model.state_dict(), run_dir / "model.safetensors",
                            {"config": json.dumps(to_dict(cfg)), "num_classes": str(num_classes)})
-        (run_dir / "final.json").write_text(json.dumps(dict(final, step=progress.step, resolution=native), indent=2))
+        summary = json.dumps(dict(final, step=progress.step, resolution=native), indent=2)
+        atomic_write(run_dir / "final.json", lambda handle: handle.write(summary.encode()))  # last: marks the run done
         log.close()
     ctx.print(f"final: top-1 {final['top1']:.2f} %, top-5 {final['top5']:.2f} % at {native} px; weights: "
               f"{run_dir / 'model.safetensors'}")

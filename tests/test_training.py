@@ -396,6 +396,11 @@ def test_resume_uses_checkpoint_settings_and_warns_about_others(tiny_args, tmp_p
     assert "ignoring --label-smoothing" in err
     saved = load_checkpoint(list_checkpoints(tmp_path / "runs" / "w")[-1])["config"]
     assert saved["label_smoothing"] == pytest.approx(0.1)  # the checkpoint's value was used
+    # resuming a finished run does nothing, and says so
+    metrics = (tmp_path / "runs" / "w" / "metrics.jsonl").read_text()
+    assert run_train.main(tiny_args(*base, "--resume", "auto")) == 0
+    assert "has already finished" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "w" / "metrics.jsonl").read_text() == metrics
 
 
 _PAGE_FAULT_PROBE = """
