@@ -92,14 +92,14 @@ def test_two_stage_pipeline_equals_unsplit_model(runs: Path) -> None:
     assert_same_weights(final_weights(runs / "whole"), final_weights(runs / "pipe"), atol=1e-5)
     assert epoch_record(runs / "pipe")["train_loss"] == pytest.approx(epoch_record(runs / "whole")["train_loss"],
                                                                       abs=1e-5)
-    # the pipelined checkpoint loads into a single-process run, which finishes the run again
-    (runs / "pipe" / "final.json").unlink()  # else the finished run is left as it is
-    assert run_train.main(tiny_train_args(runs, *common, "--run-name", "pipe", "--resume", "auto",
-                                          "--stop-after-steps", "100")) == 0
-    assert json.loads((runs / "pipe" / "final.json").read_text())["step"] == 3
+    (runs / "pipe" / "final.json").unlink()  # else a finished run is left as it is
     # the number of replicas sets the global batch: it may not change on resume
     more = torchrun(2, tiny_train_args(runs, *common, "--run-name", "pipe", "--resume", "auto", "--replicas", "2"))
     assert more.returncode != 0 and "was trained with --replicas 1" in more.stderr, more.stderr[-3000:]
+    # the pipelined checkpoint loads into a single-process run, which finishes the run again
+    assert run_train.main(tiny_train_args(runs, *common, "--run-name", "pipe", "--resume", "auto",
+                                          "--stop-after-steps", "100")) == 0
+    assert json.loads((runs / "pipe" / "final.json").read_text())["step"] == 3
 
 
 def test_two_stages_times_two_replicas(runs: Path) -> None:
