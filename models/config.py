@@ -138,6 +138,14 @@ class EfficientNetConfig:
     num_classes: int = 1000
     norm: NormConfig = NormConfig()
     in_channels: int = 3
+    # recompute each MBConv block's activations in backward instead of keeping them: less memory,
+    # one more forward pass of the blocks (the original application's recomputation checkpoints)
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.grad_checkpointing and self.norm.kind == "batch":
+            raise ValueError("grad_checkpointing with BatchNorm would update its running statistics twice "
+                             "per step (forward and recompute): use norm='group' or 'layer'")
 
     @classmethod
     def from_name(cls, name: str, **overrides: object) -> EfficientNetConfig:

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from .config import EfficientNetConfig, NormConfig, spatial_conv_groups
@@ -307,11 +308,19 @@ class MBConv(nn.Module):
         self.project = ConvNormAct(mid, out_channels, 1, norm, "project")
         self.has_residual = stride == 1 and in_channels == out_channels
         self.drop_path = StochasticDepth(drop_path, "row") if self.has_residual else nn.Identity()
+        self.grad_checkpointing = False  # set by EfficientNet.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor, table: ProxyTable | None = None,
                 input_affine: InputAffine | None = None) -> torch.Tensor:
         """`input_affine` = (scale, shift): the block's input is really x·scale + shift per channel,
         a Proxy Norm the layer before left for this block's first conv to apply."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # only the inputs are kept; backward runs the block again (same RNG state for drop-path)
+            return checkpoint(self.forward_block, x, table, input_affine, use_reentrant=False)
+        return self.forward_block(x, table, input_affine)
+
+    def forward_block(self, x: torch.Tensor, table: ProxyTable | None = None,
+                      input_affine: InputAffine | None = None) -> torch.Tensor:
         if input_affine is not None and self.has_residual:  # the residual needs the real input
             x, input_affine = apply_affine(x, *input_affine), None
         hidden, pending = x, input_affine
@@ -368,6 +377,17 @@ class EfficientNet(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.head_channels, cfg.num_classes))
         self._proxy_table_cache: dict = {}  # Proxy Norm moments reused in inference (see `proxy_table`)
         self._init_weights()
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every MBConv block's activations in backward instead of keeping them (timm's
+        name for it). Refused with BatchNorm, whose running statistics would be updated twice."""
+        if enable and self.config.norm.kind == "batch":
+            raise ValueError("grad_checkpointing with BatchNorm would update its running statistics twice "
+                             "per step (forward and recompute): use norm='group' or 'layer'")
+        for module in self.modules():
+            if isinstance(module, MBConv):
+                module.grad_checkpointing = enable
 
     def _init_weights(self) -> None:
         for module in self.modules():

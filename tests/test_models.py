@@ -3,6 +3,7 @@ integrals, batch independence, and the depth behaviour Proxy Norm exists to fix.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import torchvision
 from scipy import integrate, special, stats
 
-from models import FAMILY, VARIANTS, count_parameters, create_model, is_proxy_parameter, list_models
+from models import FAMILY, VARIANTS, EfficientNet, count_parameters, create_model, is_proxy_parameter, list_models
 from models.analysis import collapse_profile
 from models.config import NormConfig, round_channels, spatial_conv_groups
 from models.flops import count_macs
@@ -652,3 +653,42 @@ def test_spatial_mean_matches_mean_and_keeps_the_layout(memory_format) -> None:
     assert torch.autograd.gradcheck(spatial_mean, (x,))
     (grad,) = torch.autograd.grad(spatial_mean(x).sum(), x)
     assert grad.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("variant", ["g16-lnpn", "g16-gn"])
+def test_grad_checkpointing_gives_the_same_gradients_with_less_memory(variant: str) -> None:
+    """Blocks recomputed in backward: the same loss and gradients (drop-path masks included, the
+    RNG state is replayed), and less memory held during the step."""
+    from training.measure import peak_memory_bytes
+
+    model = create_model("efficientnet-b0", **VARIANTS[variant], **dict(TINY, stochastic_depth=0.5)).train()
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(10, (4,))
+
+    def step() -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same drop-path masks in both runs
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    loss, grads = step()
+    kept = peak_memory_bytes(step, torch.device("cpu"))
+    model.set_grad_checkpointing(True)
+    loss_recomputed, grads_recomputed = step()
+    recomputed = peak_memory_bytes(step, torch.device("cpu"))
+    assert loss_recomputed == loss
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_recomputed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert recomputed < 0.8 * kept, (recomputed, kept)
+    model.eval()  # inference recomputes nothing and gives what the model without checkpointing gives
+    plain = EfficientNet(dataclasses.replace(model.config, grad_checkpointing=False))
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain.eval()(x))
+
+
+def test_grad_checkpointing_is_refused_with_batch_norm() -> None:
+    with pytest.raises(ValueError, match="running statistics twice"):
+        create_model("efficientnet-b0", **VARIANTS["g1-bn"], grad_checkpointing=True)
+    with pytest.raises(ValueError, match="running statistics twice"):
+        create_model("efficientnet-b0", **VARIANTS["g1-bn"], **TINY).set_grad_checkpointing(True)

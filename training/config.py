@@ -46,6 +46,7 @@ class TrainConfig:
     depth: float | None = None  # depth multiplier (None: the model's own)
     dropout: float | None = None  # classifier dropout (None: the model's own)
     stochastic_depth: float = 0.2  # drop-path rate of the last block
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
 
     # ---- data
     data: str = "imagenet"  # imagenet | generated | demo
@@ -348,6 +349,7 @@ def model_overrides(cfg: TrainConfig, num_classes: int) -> dict[str, object]:
         norm_eps=cfg.norm_eps,
         proxy_norm=cfg.proxy_norm,
         stochastic_depth=cfg.stochastic_depth,
+        grad_checkpointing=cfg.grad_checkpointing,
         num_classes=num_classes,
     )
     for name in ("width", "depth", "dropout"):
