@@ -144,8 +144,10 @@ def check_args(args: ValidateConfig) -> None:
 def find_sources(path: Path) -> list[Path]:
     if path.is_dir():
         found = list_checkpoints(path)
+        if not found and (path / "model.safetensors").is_file():  # a folder holding only the exported weights
+            return [path / "model.safetensors"]
         if not found:
-            raise CheckpointError(f"no checkpoints in run folder {path}")
+            raise CheckpointError(f"no checkpoints (checkpoint-*.pt) or model.safetensors in run folder {path}")
         return found
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")

@@ -73,6 +73,13 @@ def test_run_folder_and_weights_choice(trained_run: Path, tmp_path: Path) -> Non
     assert run_validate.main(["--checkpoint", str(trained_run / "model.safetensors"), "--progress", "false",
                               "--timed-batches", "1", "--output-prefix", str(tmp_path / "st")]) == 0
     assert _rows(tmp_path / "st")[0]["top1"] == pytest.approx(json.loads((trained_run / "final.json").read_text())["top1"])
+    # a folder holding only the exported weights (as shared without checkpoints) is swept from them
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "model.safetensors").write_bytes((trained_run / "model.safetensors").read_bytes())
+    assert run_validate.main(["--checkpoint", str(shared), "--progress", "false", "--timed-batches", "1",
+                              "--output-prefix", str(tmp_path / "shared-sweep")]) == 0
+    assert _rows(tmp_path / "shared-sweep")[0]["top1"] == _rows(tmp_path / "st")[0]["top1"]
 
 
 def test_fine_tune_protocol_runs_per_resolution(trained_run: Path, tmp_path: Path) -> None:
@@ -153,6 +160,7 @@ def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path) -> None
         (["--checkpoint", str(good), "--weights", "averaged"], "has no such weights"),
         (["--checkpoint", str(good), "--data-path", str(tmp_path)], "--data-path is read only with --data imagenet"),
         ([], "--checkpoint PATH is required"),
+        (["--checkpoint", str(tmp_path)], "no checkpoints (checkpoint-*.pt) or model.safetensors in run folder"),
         (["--checkpoint", str(good), "--output-prefix", str(corrupt / "sweep")], f"cannot write {corrupt}"),
         (["--checkpoint", str(good), "--plot", str(corrupt / "sweep.png")], f"cannot write {corrupt}"),
     ]:
