@@ -368,4 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: nothing is half-written (outputs are written atomically, at the end)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import run_benchmark
+from conftest import ROOT
 
 TINY_ROW = "demo@32+fp32+nocl+width=0.25+depth=0.25"
 
@@ -82,3 +87,15 @@ def test_compiled_rows_on_cpu_report_no_memory_figure() -> None:
         results[compiled] = run_benchmark.result_of(prepared, args, torch.device("cpu"))
     assert results[False]["peak_mb_per_image"] == pytest.approx(4000 / 1e6 / 2)  # 1,000 fp32 values kept alive
     assert results[True]["peak_mb_per_image"] is None and len(calls) == 1  # not run to count memory
+
+
+def test_ctrl_c_exits_130_without_a_traceback() -> None:
+    process = subprocess.Popen([sys.executable, "run_benchmark.py", "--compare", TINY_ROW, "--rounds", "100000",
+                                "--batch-size", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    for line in process.stdout:  # measuring has begun
+        if line.startswith("# mode"):
+            break
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 130 and "interrupted" in rest and "Traceback" not in rest, rest
