@@ -311,7 +311,6 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.legend(fontsize=8, loc="best")
     fig.suptitle("Test-resolution sweep (red star: best accuracy)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: fig.savefig(handle, dpi=110, format="png"))
     plt.close(fig)
 

@@ -140,12 +140,7 @@ class EfficientNetConfig:
     in_channels: int = 3
     # recompute each MBConv block's activations in backward instead of keeping them: less memory,
     # one more forward pass of the blocks (the original application's recomputation checkpoints)
-    grad_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        if self.grad_checkpointing and self.norm.kind == "batch":
-            raise ValueError("grad_checkpointing with BatchNorm would update its running statistics twice "
-                             "per step (forward and recompute): use norm='group' or 'layer'")
+    grad_checkpointing: bool = False  # refused with BatchNorm (see EfficientNet.set_grad_checkpointing)
 
     @classmethod
     def from_name(cls, name: str, **overrides: object) -> EfficientNetConfig:

@@ -358,13 +358,13 @@ def model_overrides(cfg: TrainConfig, num_classes: int) -> dict[str, object]:
     return overrides
 
 
-def meta_model(cfg: TrainConfig, num_classes: int | None = None) -> torch.nn.Module:
+def meta_model(cfg: TrainConfig) -> torch.nn.Module:
     """The config's model on the meta device (no memory, no arithmetic), to check before any work
     that it can be built: a model option that does not fit the network (norm groups that do not
     divide a layer, say) is a ConfigError here, not a traceback later."""
     try:
         with torch.device("meta"):
-            return create_model(cfg.model, **model_overrides(cfg, num_classes or cfg.num_classes or 1000))
+            return create_model(cfg.model, **model_overrides(cfg, cfg.num_classes or 1000))
     except ValueError as error:
         raise ConfigError(f"the model of this config cannot be built: {error}") from None
 

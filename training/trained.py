@@ -58,10 +58,9 @@ def load_weights(path: str | Path, weights: str = "raw") -> tuple[TrainConfig, d
 
 def model_from_weights(cfg: TrainConfig, state: dict[str, torch.Tensor], source: str | Path) -> EfficientNet:
     """The config's model (its classifier sized by the weights) holding `state`, in eval mode."""
-    num_classes = state["classifier.1.weight"].shape[0] if "classifier.1.weight" in state else None
-    if num_classes is None:
+    if "classifier.1.weight" not in state:
         raise CheckpointError(f"{source}: no classifier weights (classifier.1.weight): not weights of this model")
-    model = create_model(cfg.model, **model_overrides(cfg, num_classes))
+    model = create_model(cfg.model, **model_overrides(cfg, state["classifier.1.weight"].shape[0]))
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
