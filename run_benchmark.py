@@ -11,7 +11,9 @@ timm:MODEL[@RES]; precision, memory format and compile default to the config's. 
 runs warm-up steps (not timed), then timed steps each synchronised and timed alone; the median is
 reported with GMACs per image, achieved GFLOP/s (a training step counted as 3 forward passes),
 that as a share of this machine's matmul peak (measured here first), and peak memory per image
-(n/a for compiled rows on CPU, where it is counted by a dispatch mode that runs the eager code).
+(n/a for compiled rows on CPU, where it is counted by a dispatch mode that runs the eager code),
+and the ATen operators a step runs, views excluded (on a GPU, about its kernel launches; n/a for
+compiled rows).
 Ratios are against the first row. `--rounds N` builds all rows first and cycles through them N
 times, so that a shared machine's drift falls on every row alike; a "per round" column then shows
 the lowest and highest ratio of one round's medians, the noise left on the ratio. Record results
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from datasets import DataError
 from models import create_model
 from models.flops import count_macs
-from parallel.context import ParallelError, pick_device
+from parallel.context import ParallelError, pick_device, tune_for_device
 from training.config import (
     ConfigError,
     check_config,
@@ -49,7 +51,7 @@ from training.config import (
 )
 from training.evaluate import autocast_context
 from training.host_memory import retain_freed_memory
-from training.measure import median_step_seconds, peak_memory_bytes
+from training.measure import median_step_seconds, operators_per_call, peak_memory_bytes
 from training.optim import optimizer_from_config
 
 
@@ -155,8 +157,10 @@ def build(row: Row, num_classes: int) -> tuple[torch.nn.Module, object]:
     return create_model(cfg.model, **model_overrides(cfg, num_classes)), cfg
 
 
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best of several large square matmuls: the machine's practical dense peak."""
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best of several large square matmuls: the machine's practical dense peak. A GPU needs
+    large ones: at 2048 its launch and sync overheads rival the arithmetic."""
+    size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     times = median_step_seconds(lambda: a @ b, device, warmup=2, timed=repeats)
@@ -219,6 +223,7 @@ def result_of(prepared: Prepared, args: BenchmarkConfig, device: torch.device) -
     # on CPU, live tensors are counted by a dispatch mode, under which a compiled model runs its
     # eager code: that count would be the eager model's, so none is reported for compiled rows
     memory = None if row.compile and device.type != "cuda" else peak_memory_bytes(prepared.step, device)
+    operators = None if row.compile else operators_per_call(prepared.step)  # compiled: its eager ops
     median = statistics.median(prepared.times)
     images_per_s = args.batch_size / median
     return dict(row=row.spec, resolution=row.resolution, precision=row.precision, channels_last=row.channels_last,
@@ -226,27 +231,38 @@ def result_of(prepared: Prepared, args: BenchmarkConfig, device: torch.device) -
                 round_medians=prepared.round_medians,
                 gmacs=prepared.gmacs,
                 gflops=2 * prepared.gmacs * prepared.passes * images_per_s,
-                peak_mb_per_image=None if memory is None else memory / 1e6 / args.batch_size)
+                peak_mb_per_image=None if memory is None else memory / 1e6 / args.batch_size,
+                operators_per_step=operators)
 
 
 def benchmark_rows(rows: list[Row], args: BenchmarkConfig, device: torch.device) -> list[dict]:
     """Time every row. With one round, each row is built, measured and freed in turn; with more,
     all are built first and the rounds cycle through them, so that a shared machine's drift over
     minutes falls on every row alike (each round repeats the row's warm-up steps)."""
+    started = time.perf_counter()
+
+    def report(what: str) -> None:  # on stderr: where a long or stuck comparison is
+        print(f"# {time.perf_counter() - started:.0f} s: {what}", file=sys.stderr, flush=True)
+
     if args.rounds == 1:
         results = []
         for row in rows:
             prepared = prepare_row(row, args, device)
             prepared.times = median_step_seconds(prepared.step, device, args.warmup_steps, args.timed_steps)
             results.append(result_of(prepared, args, device))
+            report(f"measured {row.spec}")
             del prepared
         return results
-    prepared_rows = [prepare_row(row, args, device) for row in rows]
-    for _ in range(args.rounds):
+    prepared_rows = []
+    for row in rows:
+        prepared_rows.append(prepare_row(row, args, device))
+        report(f"built {row.spec}")
+    for round_number in range(args.rounds):
         for prepared in prepared_rows:
             times = median_step_seconds(prepared.step, device, args.warmup_steps, args.timed_steps)
             prepared.times += times
             prepared.round_medians.append(statistics.median(times))
+            report(f"round {round_number + 1}: {prepared.row.spec}")
     return [result_of(prepared, args, device) for prepared in prepared_rows]
 
 
@@ -315,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             check_row(row)
         device = pick_device(args.device, 0)
+        tune_for_device(device)
     except (ConfigError, ParallelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -351,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spread = " per round |" if args.rounds > 1 else ""
     header = (f"| {'row':<44} | res | precision | layout | img/s | ratio |{spread} GMACs/img | GFLOP/s | % peak "
-              f"| MB/img |")
+              f"| MB/img | ops/step |")
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     for result in results:
@@ -363,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         memory = "n/a" if result["peak_mb_per_image"] is None else f"{result['peak_mb_per_image']:.1f}"
         print(f"| {result['row']:<44} | {result['resolution']} | {result['precision']} | {layout} | "
               f"{result['images_per_s']:.1f} | {ratio:.2f}x |{spread_cell} "
-              f"{result['gmacs']:.3f} | {result['gflops']:.1f} | {share:.1f} | {memory} |")
+              f"{result['gmacs']:.3f} | {result['gflops']:.1f} | {share:.1f} | {memory} | "
+              f"{'n/a' if result['operators_per_step'] is None else result['operators_per_step']} |")
     return 0
 
 

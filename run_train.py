@@ -194,7 +194,8 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     set_preprocessing(val_set, native, eval_transform(native, cfg.crop_pct))
     num_classes = cfg.num_classes or len(val_set.classes)
     val_loader = make_loader(val_set, cfg.micro_batch_size, SeededSampler(len(val_set), cfg.seed, False,
-                                                                            ctx.replica_rank, ctx.replicas), cfg.workers)
+                                                                            ctx.replica_rank, ctx.replicas), cfg.workers,
+                             pin_memory=device.type == "cuda")
     train_set = open_dataset(cfg, "train", training_resolution(cfg))
 
     # ---- model: the same initial weights on every rank, then a different RNG stream per rank
@@ -336,9 +337,10 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
     set_phase_preprocessing(train_set, cfg, phase)
     sampler = SeededSampler(len(train_set), cfg.seed + (1000 if phase.name == "fine_tune" else 0), True,
                             ctx.replica_rank, ctx.replicas)
-    loader = make_loader(train_set, phase.micro_batch_size, sampler, cfg.workers, drop_last=True)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     device = ctx.device
+    loader = make_loader(train_set, phase.micro_batch_size, sampler, cfg.workers, drop_last=True,
+                         pin_memory=device.type == "cuda")
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     accumulation = cfg.gradient_accumulation
     settings = step_settings(cfg, device, scaler)
 

@@ -108,6 +108,14 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return device
 
 
+def tune_for_device(device: torch.device, deterministic: bool = False) -> None:
+    """On CUDA, cuDNN times its convolution algorithms on each new shape and keeps the fastest:
+    shapes are fixed within a run, and the default picks are slow for grouped convolutions.
+    Off for deterministic runs (the timed choice can differ from run to run)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+
+
 def setup(cfg) -> Context:
     """Read the launcher's environment, check it matches the config, start the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -121,6 +129,7 @@ def setup(cfg) -> Context:
             f"(per host) or change --replicas / --pipeline-splits"
         )
     device = pick_device(cfg.device, local_rank)
+    tune_for_device(device, cfg.deterministic)
     ctx = Context(rank, world_size, local_rank, cfg.replicas, stages, device, world_size > 1)
     if ctx.distributed:
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -73,7 +73,9 @@ def test_training_in_reduced_precision_follows_fp32(tmp_path: Path, precision: s
     assert run_train.main(tiny_train_args(runs, *common, "--precision", "fp32", "--run-name", "fp32")) == 0
     assert run_train.main(tiny_train_args(runs, *common, "--precision", precision, "--run-name", precision)) == 0
     reference, reduced = epoch_record(runs / "fp32"), epoch_record(runs / precision)
-    assert reduced["train_loss"] == pytest.approx(reference["train_loss"], abs=0.05)
+    # 3 steps at the demo's learning rate amplify rounding: bf16 was 0.3 % off on CPU, 1.3 % on an
+    # H200 (cuDNN's bf16 convolutions); a broken autocast path is off by far more
+    assert reduced["train_loss"] == pytest.approx(reference["train_loss"], rel=0.03)
     weights, fp32_weights = final_weights(runs / precision), final_weights(runs / "fp32")
     assert all(torch.isfinite(w.float()).all() for w in weights.values() if w.is_floating_point())
     assert max_difference(weights, fp32_weights) > 0  # autocast did run in the reduced precision
@@ -111,5 +113,20 @@ def test_benchmark_runs_on_the_accelerator(capsys: pytest.CaptureFixture[str]) -
     assert len(lines) == 3
     for line in lines:
         cells = [cell.strip() for cell in line.split("|")]
-        assert float(cells[5]) > 0 and float(cells[-2]) > 0  # img/s and MB/img
+        assert float(cells[5]) > 0 and float(cells[-3]) > 0 and int(cells[-2]) > 0  # img/s, MB/img, ops/step
     assert f"device {ACCELERATOR}" in out
+
+
+def test_training_loaders_pin_memory_for_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, batches come in page-locked memory, so that their non_blocking copies overlap with
+    the GPU's work; on the CPU nothing is pinned."""
+    pinned = []
+    make_loader = run_train.make_loader
+
+    def recording_make_loader(*args, **kwargs):
+        pinned.append(kwargs.get("pin_memory", False))
+        return make_loader(*args, **kwargs)
+
+    monkeypatch.setattr(run_train, "make_loader", recording_make_loader)
+    assert run_train.main(tiny_train_args(tmp_path / "runs", "--device", ACCELERATOR)) == 0
+    assert len(pinned) >= 2 and all(pin == (ACCELERATOR == "cuda") for pin in pinned)

@@ -73,7 +73,7 @@ def test_round_ratio_range_compares_each_rounds_medians_with_the_same_rounds() -
     assert run_benchmark.round_ratio_range([1.0], [0.5]) is None  # one round: no spread to show
 
 
-def test_compiled_rows_on_cpu_report_no_memory_figure() -> None:
+def test_compiled_rows_on_cpu_report_no_memory_or_operator_figure() -> None:
     """The CPU memory count runs a compiled model's eager code, so it would report the eager
     model's memory as the compiled one's: such rows report none."""
     args = run_benchmark.BenchmarkConfig(batch_size=2, num_classes=10)
@@ -86,7 +86,10 @@ def test_compiled_rows_on_cpu_report_no_memory_figure() -> None:
                                           times=[0.5])
         results[compiled] = run_benchmark.result_of(prepared, args, torch.device("cpu"))
     assert results[False]["peak_mb_per_image"] == pytest.approx(4000 / 1e6 / 2)  # 1,000 fp32 values kept alive
-    assert results[True]["peak_mb_per_image"] is None and len(calls) == 1  # not run to count memory
+    assert results[False]["operators_per_step"] == 1  # torch.ones
+    # the compiled row is not run to count either: its memory and operators would be the eager code's
+    assert results[True]["peak_mb_per_image"] is None and results[True]["operators_per_step"] is None
+    assert len(calls) == 2
 
 
 def test_ctrl_c_exits_130_without_a_traceback() -> None:
@@ -99,3 +102,10 @@ def test_ctrl_c_exits_130_without_a_traceback() -> None:
     process.send_signal(signal.SIGINT)
     rest = process.communicate(timeout=120)[0]
     assert process.returncode == 130 and "interrupted" in rest and "Traceback" not in rest, rest
+
+
+def test_operator_count_counts_computing_operators_not_views() -> None:
+    a = torch.randn(4, 3)
+    assert run_benchmark.operators_per_call(lambda: (a * 2).t().sum()) == 2  # mul, sum; t is a view
+    assert run_benchmark.operators_per_call(lambda: (a.view(12), a.t(), a[0])) == 0
+    assert run_benchmark.operators_per_call(lambda: torch.relu(a + 1).mean()) == 3

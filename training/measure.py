@@ -2,6 +2,7 @@
 
 Throughput: warm-up batches are run and discarded, then each timed batch is synchronised and
 timed on its own; the median is reported (robust to a noisy shared machine).
+Operators per step: a dispatch mode counts them (on a GPU, about the kernel launches).
 Peak memory: on CUDA the allocator's high-water mark; on CPU, where PyTorch keeps no such
 statistic, a dispatch mode counts the bytes of tensors alive at once during the call.
 """
@@ -97,6 +98,27 @@ class LiveTensorBytes(TorchDispatchMode):
             entry[0] += 1
             weakref.finalize(tensor, self._release, key)
         return out
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators run inside the mode, views excluded. On a GPU each is about one
+    kernel launch, and the host's time to issue them bounds a step made of many small ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operators_per_call(fn: Callable[[], object]) -> int:
+    """ATen operators (views excluded) that one call of `fn` runs, its backward included."""
+    with OperatorCount() as counter:
+        fn()
+    return counter.count
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
