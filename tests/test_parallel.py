@@ -202,3 +202,21 @@ def test_killed_worker_resumes_under_max_restarts(runs: Path) -> None:
     assert (run / "final.json").is_file()
     progress = load_checkpoint(list_checkpoints(run)[-1])["progress"]
     assert progress["epoch"] == 2 and progress["step"] == 24
+
+
+def test_compiled_training_follows_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compile true` (the GPU's fastest setting for Proxy Norm): the step through torch.compile
+    (Inductor, with Proxy Norm's plain formula) trains to the eager run's weights."""
+    compiled_modules = []
+    compile_model = torch.compile
+
+    def recording_compile(module, *args, **kwargs):
+        compiled_modules.append(module)
+        return compile_model(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    runs = tmp_path / "runs"
+    for name, compile_flag in (("eager", "false"), ("compiled", "true")):
+        assert run_train.main(tiny_train_args(runs, *EXACT, "--compile", compile_flag, "--run-name", name)) == 0
+        assert len(compiled_modules) == (name == "compiled")
+    assert_same_weights(final_weights(runs / "eager"), final_weights(runs / "compiled"), atol=1e-5)
