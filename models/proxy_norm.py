@@ -46,13 +46,15 @@ def proxy_moments(
     return ActivationMoments.apply(slope, offset, quantiles, activation)
 
 
-# Channels are evaluated in blocks of about this many C × N elements (1 MB in fp32), so that each
-# block's passes stay in the CPU's cache instead of streaming the whole C × N table through memory
+# On CPU, channels are evaluated in blocks of about this many C × N elements (1 MB in fp32), so that
+# each block's passes stay in cache instead of streaming the whole C × N table through memory. On a
+# GPU the table is one block: it is small for a GPU (B0: 2.6 million elements), and every block
+# costs a dozen more kernel launches, which is what Proxy Norm is short of there (docs C.5)
 MOMENT_BLOCK_ELEMENTS = 1 << 18
 
 
-def _channel_blocks(channels: int, count: int) -> list[slice]:
-    step = max(1, MOMENT_BLOCK_ELEMENTS // count)
+def _channel_blocks(channels: int, count: int, device: torch.device) -> list[slice]:
+    step = max(1, MOMENT_BLOCK_ELEMENTS // count) if device.type == "cpu" else channels
     return [slice(start, start + step) for start in range(0, channels, step)]
 
 
@@ -86,7 +88,7 @@ class ActivationMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, slope: torch.Tensor, offset: torch.Tensor, quantiles: torch.Tensor, activation: str):
         blocks = [_moments_of_activation(slope[block], offset[block], quantiles, activation)
-                  for block in _channel_blocks(slope.shape[0], quantiles.shape[0])]
+                  for block in _channel_blocks(slope.shape[0], quantiles.shape[0], slope.device)]
         ctx.activation = activation
         ctx.save_for_backward(slope, offset, quantiles)
         if len(blocks) == 1:
@@ -98,7 +100,7 @@ class ActivationMoments(torch.autograd.Function):
         slope, offset, quantiles = ctx.saved_tensors
         count = quantiles.shape[0]
         grad_slope, grad_offset = [], []
-        for block in _channel_blocks(slope.shape[0], count):
+        for block in _channel_blocks(slope.shape[0], count, slope.device):
             pre, centred, _ = _centred_activation(slope[block], offset[block], quantiles, ctx.activation)
             grad_activated = centred.mul_(((2 / count) * grad_var[block]).unsqueeze(1)).add_(
                 (grad_mean[block] / count).unsqueeze(1))

@@ -608,6 +608,26 @@ def test_conv_with_input_affine_equals_conv_of_affine_input(kernel: int, stride:
             torch.testing.assert_close(got, expected)
 
 
+def test_a_gpu_takes_the_paths_with_fewer_operators() -> None:
+    """The CPU's cache-sized moment blocks and border strips are many small ops; off the CPU (a
+    GPU, where each op is a kernel launch) the moments are one block and the border correction one
+    add. Both paths are checked for values above; here, which one each device takes (meta tensors
+    stand in for a GPU's: the choice is by device type)."""
+    from models.efficientnet import conv_with_input_affine
+    from models.proxy_norm import _channel_blocks
+
+    assert len(_channel_blocks(13248, 200, torch.device("cpu"))) > 1
+    assert _channel_blocks(13248, 200, torch.device("cuda")) == [slice(0, 13248)]
+    conv = torch.nn.Conv2d(8, 8, 3, 1, 1, groups=2, bias=False)
+    strips = {}
+    for device in ("cpu", "meta"):
+        conv = conv.to(device)
+        x, scale, shift = (torch.randn(*shape, device=device, requires_grad=True)
+                           for shape in ((2, 8, 64, 64), (8,), (8,)))
+        strips[device] = conv_with_input_affine(conv, x, scale, shift).grad_fn.strips
+    assert len(strips["cpu"]) == 4 and strips["meta"] == [(slice(None), slice(None))]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_batch_sum_matches_sum_over_the_batch(memory_format, dtype) -> None:
