@@ -89,6 +89,35 @@ def test_rmsprop_tf_matches_its_definition() -> None:
     assert not torch.allclose(other.detach(), p)
 
 
+def test_rmsprop_tf_multi_tensor_step_equals_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The multi-tensor step (a GPU's default: one launch per op for all parameters) gives the
+    loop's parameters bit for bit, with weight decay, two groups, a channels_last weight and a
+    parameter without gradient; on the CPU the default is the loop, no faster there."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(3), torch.randn(4, 2, 3, 3).contiguous(memory_format=torch.channels_last),
+               torch.randn(5), torch.randn(2, 2)]
+    runs = {}
+    multi_tensor_updates = []
+    foreach_sub = torch._foreach_sub_
+    monkeypatch.setattr(torch, "_foreach_sub_", lambda *args: multi_tensor_updates.append(1) or foreach_sub(*args))
+    for foreach in (True, False, None):
+        params = [torch.nn.Parameter(t.clone()) for t in tensors]
+        opt = RMSpropTF([dict(params=params[:2]), dict(params=params[2:], weight_decay=0.0)], lr=0.01, decay=0.9,
+                        momentum=0.8, eps=1e-3, weight_decay=0.1, foreach=foreach)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for i, param in enumerate(params):
+                param.grad = None if i == 3 else torch.randn(param.shape, generator=generator)
+            opt.step()
+        runs[foreach] = [param.detach() for param in params]
+        assert len(multi_tensor_updates) == (6 if foreach else 0)  # 3 steps x 2 groups; CPU default: none
+        multi_tensor_updates.clear()
+    for multi, loop, default in zip(runs[True], runs[False], runs[None]):
+        torch.testing.assert_close(multi, loop, rtol=0, atol=0)
+        torch.testing.assert_close(default, loop, rtol=0, atol=0)
+    assert not torch.equal(runs[True][0], tensors[0]) and torch.equal(runs[True][3], tensors[3])
+
+
 def test_exponential_schedule_with_warmup() -> None:
     schedule = LRSchedule("exponential", steps_per_epoch=10, total_steps=1000, warmup_steps=50, decay=0.97,
                           decay_epochs=2.4)

@@ -24,32 +24,61 @@ class RMSpropTF(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, decay: float = 0.9, momentum: float = 0.0, eps: float = 1e-10,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, foreach: bool | None = None) -> None:
         if lr < 0 or not 0 <= decay < 1 or momentum < 0 or eps <= 0:
             raise ValueError(f"bad RMSpropTF settings: lr={lr}, decay={decay}, momentum={momentum}, eps={eps}")
         super().__init__(params, dict(lr=lr, decay=decay, momentum=momentum, eps=eps, weight_decay=weight_decay))
+        # multi-tensor ops (one kernel launch per op for all parameters) where None: on a GPU, as
+        # torch.optim does; on the CPU they were no faster than the loop (docs/benchmarks.md A.3).
+        # An execution choice, not state: it is not in the state dict.
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = param.grad
-                if group["weight_decay"]:
-                    grad = grad.add(param, alpha=group["weight_decay"])
+            params = [param for param in group["params"] if param.grad is not None]
+            for param in params:
                 state = self.state[param]
                 if not state:
                     state["square_avg"] = torch.ones_like(param)
                     state["momentum_buffer"] = torch.zeros_like(param)
-                square_avg = state["square_avg"]
-                square_avg.mul_(group["decay"]).addcmul_(grad, grad, value=1 - group["decay"])
-                update = grad / (square_avg + group["eps"]).sqrt()
-                buffer = state["momentum_buffer"]
-                buffer.mul_(group["momentum"]).add_(update, alpha=group["lr"])
-                param.sub_(buffer)
+            foreach = self.foreach
+            if foreach is None:
+                foreach = all(param.device.type == "cuda" for param in params)
+            (_step_foreach if foreach else _step_loop)(group, params, self.state)
         return loss
+
+
+def _step_loop(group: dict, params: list[torch.Tensor], states) -> None:
+    for param in params:
+        grad = param.grad
+        if group["weight_decay"]:
+            grad = grad.add(param, alpha=group["weight_decay"])
+        square_avg, buffer = states[param]["square_avg"], states[param]["momentum_buffer"]
+        square_avg.mul_(group["decay"]).addcmul_(grad, grad, value=1 - group["decay"])
+        update = grad / (square_avg + group["eps"]).sqrt()
+        buffer.mul_(group["momentum"]).add_(update, alpha=group["lr"])
+        param.sub_(buffer)
+
+
+def _step_foreach(group: dict, params: list[torch.Tensor], states) -> None:
+    """The same ops as `_step_loop`, each over all parameters at once."""
+    if not params:
+        return
+    grads = [param.grad for param in params]
+    if group["weight_decay"]:
+        grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+    square_avgs = [states[param]["square_avg"] for param in params]
+    buffers = [states[param]["momentum_buffer"] for param in params]
+    torch._foreach_mul_(square_avgs, group["decay"])
+    torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - group["decay"])
+    denominators = torch._foreach_add(square_avgs, group["eps"])
+    torch._foreach_sqrt_(denominators)
+    updates = torch._foreach_div(grads, denominators)
+    torch._foreach_mul_(buffers, group["momentum"])
+    torch._foreach_add_(buffers, updates, alpha=group["lr"])
+    torch._foreach_sub_(params, buffers)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, proxy_weight_decay: float) -> list[dict]:
