@@ -349,8 +349,12 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
         sampler.set_epoch(epoch, start=progress.micro_batch * phase.micro_batch_size)
         train_mode(model, phase.frozen)
         started = time.perf_counter()
-        seen = correct = skipped = 0
-        loss_sum = 0.0
+        seen = skipped = 0
+        # summed on the device and read at the epoch's end: reading them each step would make the
+        # host wait for the GPU every step instead of queueing the next one (float64: the same sums
+        # as Python's floats)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         window_losses: list[torch.Tensor] = []
         bar = tqdm(total=phase.steps_per_epoch, initial=progress.micro_batch // accumulation,
                    desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
@@ -372,16 +376,16 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
                 for loss, logits, target in done:
                     window_losses.append(loss)
                     hard = target.argmax(1) if target.ndim == 2 else target
-                    correct += int((logits.argmax(1) == hard).sum())
+                    correct += (logits.argmax(1) == hard).sum()
                     seen += hard.numel()
-                    loss_sum += float(loss) * hard.numel()
+                    loss_sum += loss.double() * hard.numel()
             elif final_micro:
                 runner.micro_step(None, None, True, settings)
             if not final_micro:
                 continue
 
             # ---- optimizer step
-            bad = [float(v) for v in window_losses if not torch.isfinite(v)]
+            bad = nonfinite_values(window_losses)  # the step's one wait for the device
             if ctx.any_rank(bool(bad)):
                 handle_nonfinite(cfg, ctx, phase, progress, bad, run_dir)
             else:
@@ -394,8 +398,8 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             window_losses = []
             progress.step += 1
             bar.update(1)
-            if seen:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", top1=f"{100 * correct / seen:.1f}",
+            if seen and not bar.disable:  # shown on a terminal only: reading the sums waits for the device
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", top1=f"{100 * int(correct) / seen:.1f}",
                                 img_s=f"{seen * ctx.replicas / (time.perf_counter() - started):.1f}",
                                 lr=f"{phase.optimizer.param_groups[0]['lr']:.2e}")
             # mid-epoch checkpoints (the epoch's last step is checkpointed at the end of the epoch)
@@ -409,7 +413,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
 
         # ---- end of epoch
         elapsed = time.perf_counter() - started
-        totals = ctx.all_reduce_sum([seen, correct, loss_sum, skipped])
+        totals = ctx.all_reduce_sum([seen, int(correct), float(loss_sum), skipped])
         progress.epoch += 1
         progress.micro_batch = 0
         if phase.epoch_average is not None:
@@ -444,6 +448,15 @@ def stop_requested(cfg: TrainConfig, ctx, stopper, progress: Progress) -> int:
     if ctx.any_rank(code != 0):
         return code or 143
     return 0
+
+
+def nonfinite_values(losses: list[torch.Tensor]) -> list[float]:
+    """The losses that are NaN or infinite, read from the device in one transfer."""
+    if not losses:
+        return []
+    stacked = torch.stack(losses)
+    finite = stacked.isfinite()
+    return [] if bool(finite.all()) else stacked[~finite].tolist()
 
 
 def handle_nonfinite(cfg, ctx, phase: Phase, progress: Progress, bad_losses: list[float], run_dir: Path) -> None:

@@ -4,6 +4,7 @@ docs/reliability.md points to them."""
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
@@ -207,6 +208,15 @@ def test_skip_nonfinite_steps_allows_a_few(tmp_path: Path) -> None:
     result = run_cli("run_train.py", *args)
     assert "step skipped (1/2 allowed)" in result.stderr and "step skipped (2/2 allowed)" in result.stderr
     assert result.returncode == 1 and "loss is" in result.stderr
+
+
+def test_nonfinite_values_are_read_in_one_transfer_and_named() -> None:
+    from run_train import nonfinite_values
+
+    losses = [torch.tensor(1.5), torch.tensor(float("nan")), torch.tensor(2.0), torch.tensor(float("-inf"))]
+    bad = nonfinite_values(losses)
+    assert len(bad) == 2 and math.isnan(bad[0]) and bad[1] == float("-inf")
+    assert nonfinite_values(losses[::2]) == [] and nonfinite_values([]) == []
 
 
 # ---------------------------------------------------------------------------- bad data
