@@ -29,8 +29,10 @@ def evaluate(
 ) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    correct1 = correct5 = seen = skipped = 0
-    loss_sum = 0.0
+    seen = skipped = 0
+    # summed on the device, read once at the end: no wait for the GPU after every batch
+    correct1, correct5 = (torch.zeros((), dtype=torch.long, device=device) for _ in range(2))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for images, labels, skipped_files in tqdm(loader, desc=description, disable=None if progress else True, leave=False):
         skipped += len(skipped_files)
@@ -41,13 +43,13 @@ def evaluate(
         with autocast_context(device, precision):
             logits = model(images)
         logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += int((top[:, 0] == labels).sum())
-        correct5 += int((top == labels[:, None]).any(dim=1).sum())
+        correct1 += (top[:, 0] == labels).sum()
+        correct5 += (top == labels[:, None]).any(dim=1).sum()
         seen += labels.numel()
     model.train(was_training)
     if seen == 0:
         return dict(top1=float("nan"), top5=float("nan"), loss=float("nan"), images=0, skipped=skipped)
-    return dict(top1=100.0 * correct1 / seen, top5=100.0 * correct5 / seen, loss=loss_sum / seen, images=seen,
-                skipped=skipped)
+    return dict(top1=100.0 * int(correct1) / seen, top5=100.0 * int(correct5) / seen, loss=float(loss_sum) / seen,
+                images=seen, skipped=skipped)
