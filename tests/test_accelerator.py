@@ -130,3 +130,26 @@ def test_training_loaders_pin_memory_for_a_gpu(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(run_train, "make_loader", recording_make_loader)
     assert run_train.main(tiny_train_args(tmp_path / "runs", "--device", ACCELERATOR)) == 0
     assert len(pinned) >= 2 and all(pin == (ACCELERATOR == "cuda") for pin in pinned)
+
+
+def test_optimizer_multi_tensor_step_on_the_accelerator_equals_the_loop() -> None:
+    """RMSpropTF on the accelerator: its default (multi-tensor kernels on CUDA) gives the loop's
+    parameters, for a model's worth of parameter shapes and layouts."""
+    from training.optim import RMSpropTF
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).to(ACCELERATOR,
+                                                                              memory_format=torch.channels_last)
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(3)]
+    results = []
+    for foreach in (None, False):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+        opt = RMSpropTF([dict(params=params[::2]), dict(params=params[1::2], weight_decay=0.0)], lr=0.01,
+                        momentum=0.9, eps=1e-3, weight_decay=1e-5, foreach=foreach)
+        for step_grads in grads:
+            for param, grad in zip(params, step_grads):
+                param.grad = grad.clone()
+            opt.step()
+        results.append(params)
+    for default, loop in zip(*results):
+        torch.testing.assert_close(default, loop, rtol=1e-6, atol=1e-7)
