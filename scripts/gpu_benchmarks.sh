@@ -20,9 +20,19 @@ device=${DEVICE:-cuda}
 budget=${BUDGET:-540}
 common=(--device "$device" --batch-size "${BATCH:-128}" --warmup-steps 3 --timed-steps "${TIMED:-5}"
         --rounds "${ROUNDS:-2}")
-mkdir -p "$out" || exit 2
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2  # absolute: the steps run from the repository root
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1
+# an offline GPU machine may lack simple-parsing (and docstring-parser): wheels of both in .whl/
+# (pip download --no-deps ... -d .whl) are installed beside the machine's packages
+if ! "$python" -c 'import simple_parsing' 2>/dev/null; then
+    if ! compgen -G ".whl/*.whl" > /dev/null; then
+        echo "error: simple-parsing is not installed; pip install it, or put its wheels in .whl/" >&2
+        exit 2
+    fi
+    "$python" -m pip install -q --no-index --no-deps --target /tmp/gpu_benchmarks_site .whl/*.whl || exit 2
+    export PYTHONPATH=/tmp/gpu_benchmarks_site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 if [ "$device" = cuda ]; then
     "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "error: no CUDA device")' || exit 1
