@@ -63,6 +63,7 @@ class BenchmarkConfig:
     warmup_steps: int = 2  # untimed steps before each row's (or round's) timed ones
     timed_steps: int = 5  # timed steps per row and round; the median is reported
     rounds: int = 1  # >1: cycle through all rows this many times, rows interleaved (models kept in memory)
+    round_time_limit: float = 0.0  # seconds: no new round starts after this long (0: none); the table covers the rounds done
     threads: int | None = None  # torch intra-op threads (None: PyTorch's default)
     retain_host_memory: bool = True  # keep freed host memory for reuse (see training/host_memory.py)
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
@@ -258,6 +259,9 @@ def benchmark_rows(rows: list[Row], args: BenchmarkConfig, device: torch.device)
         prepared_rows.append(prepare_row(row, args, device))
         report(f"built {row.spec}")
     for round_number in range(args.rounds):
+        if round_number and args.round_time_limit and time.perf_counter() - started > args.round_time_limit:
+            report(f"round time limit reached: {round_number} of {args.rounds} rounds done")
+            break
         for prepared in prepared_rows:
             times = median_step_seconds(prepared.step, device, args.warmup_steps, args.timed_steps)
             prepared.times += times
@@ -325,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--mode must be train, inference or data, got {args.mode!r}")
         if args.batch_size < 1 or args.timed_steps < 1 or args.warmup_steps < 0 or args.rounds < 1:
             raise ConfigError("--batch-size, --timed-steps and --rounds must be at least 1, --warmup-steps at least 0")
+        if args.round_time_limit < 0:
+            raise ConfigError("--round-time-limit must not be negative")
         if args.mode == "data" and (args.workers < 0 or args.jpegs < 1 or args.resolution < 1):
             raise ConfigError("--workers must be at least 0, --jpegs and --resolution at least 1")
         rows = [parse_row(spec) for spec in args.compare] if args.mode != "data" else []
@@ -366,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    spread = " per round |" if args.rounds > 1 else ""
+    rounds_done = len(results[0]["round_medians"])
+    spread = " per round |" if rounds_done > 1 else ""
     header = (f"| {'row':<44} | res | precision | layout | img/s | ratio |{spread} GMACs/img | GFLOP/s | % peak "
               f"| MB/img | ops/step |")
     print(header)
@@ -382,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['images_per_s']:.1f} | {ratio:.2f}x |{spread_cell} "
               f"{result['gmacs']:.3f} | {result['gflops']:.1f} | {share:.1f} | {memory} | "
               f"{'n/a' if result['operators_per_step'] is None else result['operators_per_step']} |")
+    if args.rounds > 1 and rounds_done < args.rounds:
+        print(f"# {rounds_done} of {args.rounds} rounds done: --round-time-limit {args.round_time_limit:g} s reached")
     return 0
 
 

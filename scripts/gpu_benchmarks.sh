@@ -58,7 +58,8 @@ run_step() {  # name, most seconds it may take, then the command; stops at the b
         failed=1
     fi
 }
-bench() { run_step "$1" "$2" "$python" run_benchmark.py "${common[@]}" "${@:3}"; }
+# no new round starts after half a step's time, so that its table is printed before the cap
+bench() { run_step "$1" "$2" "$python" run_benchmark.py "${common[@]}" --round-time-limit $(($2 / 2)) "${@:3}"; }
 
 b0=efficientnet-b0
 timm_row=()

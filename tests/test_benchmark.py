@@ -35,6 +35,20 @@ def test_rounds_interleave_every_row_and_pool_their_steps(monkeypatch: pytest.Mo
         assert len(result["round_medians"]) == 3  # one median per round, for the per-round ratios
 
 
+def test_round_time_limit_stops_starting_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    """Past --round-time-limit no new round starts, and the table covers the rounds done (a short
+    lease still gets its table)."""
+    code = run_benchmark.main(["--compare", TINY_ROW, TINY_ROW + "+proxy_norm=false", "--batch-size", "2",
+                               "--warmup-steps", "0", "--timed-steps", "2", "--rounds", "50",
+                               "--round-time-limit", "1e-9", "--num-classes", "10"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "# 1 of 50 rounds done: --round-time-limit 1e-09 s reached" in captured.out
+    assert "round time limit reached: 1 of 50 rounds done" in captured.err
+    assert len([line for line in captured.out.splitlines() if line.startswith("| demo@32")]) == 2
+    assert run_benchmark.main(["--round-time-limit", "-1"]) == 2
+
+
 def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixture[str]) -> None:
     code = run_benchmark.main(["--compare", TINY_ROW, TINY_ROW + "+proxy_norm=false", "--batch-size", "2",
                                "--warmup-steps", "0", "--timed-steps", "1", "--rounds", "2", "--num-classes", "10"])
