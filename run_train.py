@@ -195,7 +195,7 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     num_classes = cfg.num_classes or len(val_set.classes)
     val_loader = make_loader(val_set, cfg.micro_batch_size, SeededSampler(len(val_set), cfg.seed, False,
                                                                             ctx.replica_rank, ctx.replicas), cfg.workers,
-                             pin_memory=device.type == "cuda")
+                             device=device)
     train_set = open_dataset(cfg, "train", training_resolution(cfg))
 
     # ---- model: the same initial weights on every rank, then a different RNG stream per rank
@@ -339,7 +339,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
                             ctx.replica_rank, ctx.replicas)
     device = ctx.device
     loader = make_loader(train_set, phase.micro_batch_size, sampler, cfg.workers, drop_last=True,
-                         pin_memory=device.type == "cuda")
+                         device=device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     accumulation = cfg.gradient_accumulation
     settings = step_settings(cfg, device, scaler)

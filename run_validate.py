@@ -178,7 +178,7 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None) -> 
         started = time.perf_counter()
         set_preprocessing(val_set, resolution, eval_transform(resolution, cfg.crop_pct))
         loader = make_loader(val_set, args.batch_size, SeededSampler(len(val_set), cfg.seed, shuffle=False),
-                             cfg.workers, pin_memory=device.type == "cuda")
+                             cfg.workers, device=device)
         tested = model
         if args.fine_tune_epochs:
             import run_train

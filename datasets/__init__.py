@@ -94,10 +94,10 @@ def make_loader(
     sampler: SeededSampler,
     workers: int,
     drop_last: bool = False,
-    pin_memory: bool = False,
+    device: torch.device | None = None,
 ) -> torch.utils.data.DataLoader:
-    """`pin_memory` for a CUDA device: batches in page-locked memory, whose `non_blocking` copies
-    to the GPU overlap with its work (from pageable memory they block the host)."""
+    """`device`: where the batches go. For a CUDA device they come in page-locked memory, whose
+    `non_blocking` copies to the GPU overlap with its work (from pageable memory they block the host)."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -106,7 +106,7 @@ def make_loader(
         collate_fn=collate_skipping,
         persistent_workers=False,
         drop_last=drop_last,
-        pin_memory=pin_memory,
+        pin_memory=device is not None and device.type == "cuda",
         # worker base seeds come from this private generator, not the global RNG, so creating an
         # iterator mid-run (a resume) does not shift the training RNG stream; augmentation seeds
         # come from the sampler anyway

@@ -70,21 +70,21 @@ lnpn=$b0-g16-lnpn@160
 ln=$b0-g16-lnpn@160+proxy_norm=false
 run_named() {
     case $1 in
-        train_paper) bench train_paper 100 --compare "${paper[@]}" "${timm_row[@]}" ;;
-        inference_paper) bench inference_paper 60 --mode inference --compare "${paper[@]}" ;;
+        train_paper) bench "$1" 100 --compare "${paper[@]}" "${timm_row[@]}" ;;
+        inference_paper) bench "$1" 60 --mode inference --compare "${paper[@]}" ;;
         # targets 2, 4 and 5: Proxy Norm against LN, and precision x layout, for G16-LN+PN and G1-BN
-        train_precision) bench train_precision 120 --compare $lnpn+fp32+nocl $ln+fp32+nocl $lnpn+bf16+cl \
+        train_precision) bench "$1" 120 --compare $lnpn+fp32+nocl $ln+fp32+nocl $lnpn+bf16+cl \
             $ln+bf16+cl $lnpn+fp16+cl $b0-g1-bn@224+bf16+cl ;;
         # rows that made an 8-row comparison overrun 120 s on an H200 (2026-11-26): which one is slow?
-        train_precision_more) bench train_precision_more 120 --compare $lnpn+bf16+cl $lnpn+bf16+nocl \
+        train_precision_more) bench "$1" 120 --compare $lnpn+bf16+cl $lnpn+bf16+nocl \
             $b0-g1-bn@224+fp16+cl ;;
-        tests) [ "$device" != cuda ] || run_step tests 150 "$python" -m pytest -q -p no:cacheprovider \
+        tests) [ "$device" != cuda ] || run_step "$1" 150 "$python" -m pytest -q -p no:cacheprovider \
             tests/test_accelerator.py ;;
         # compiled: Proxy Norm against LN (target 2 on the GPU), bf16 against fp32, G1-BN
-        train_compile_lnpn) bench train_compile_lnpn 240 --compare $lnpn+bf16+cl $lnpn+bf16+cl+compile \
+        train_compile_lnpn) bench "$1" 240 --compare $lnpn+bf16+cl $lnpn+bf16+cl+compile \
             $ln+bf16+cl+compile ;;
-        train_compile_fp32) bench train_compile_fp32 150 --compare $lnpn+fp32+nocl $lnpn+fp32+nocl+compile ;;
-        train_compile_bn) bench train_compile_bn 150 --compare $b0-g1-bn@224+bf16+cl $b0-g1-bn@224+bf16+cl+compile ;;
+        train_compile_fp32) bench "$1" 150 --compare $lnpn+fp32+nocl $lnpn+fp32+nocl+compile ;;
+        train_compile_bn) bench "$1" 150 --compare $b0-g1-bn@224+bf16+cl $b0-g1-bn@224+bf16+cl+compile ;;
         *) echo "unknown step $1" >&2; failed=1 ;;
     esac
 }

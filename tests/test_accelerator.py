@@ -124,8 +124,9 @@ def test_training_loaders_pin_memory_for_a_gpu(tmp_path: Path, monkeypatch: pyte
     make_loader = run_train.make_loader
 
     def recording_make_loader(*args, **kwargs):
-        pinned.append(kwargs.get("pin_memory", False))
-        return make_loader(*args, **kwargs)
+        loader = make_loader(*args, **kwargs)
+        pinned.append(loader.pin_memory)
+        return loader
 
     monkeypatch.setattr(run_train, "make_loader", recording_make_loader)
     assert run_train.main(tiny_train_args(tmp_path / "runs", "--device", ACCELERATOR)) == 0

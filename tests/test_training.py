@@ -471,3 +471,11 @@ def test_retained_host_memory_is_reused_without_page_faults() -> None:
     assert faults["return"]["total"] > 5000, faults
     # retained: a step that faults no page at all (one step may still grow the heap once)
     assert faults["retain"]["fewest"] <= 100 and faults["retain"]["total"] < faults["return"]["total"] / 4, faults
+
+
+def test_loaders_pin_host_memory_only_for_a_cuda_device() -> None:
+    from datasets import SeededSampler, make_loader
+
+    data = torch.utils.data.TensorDataset(torch.zeros(4, 3))
+    for device, pinned in ((None, False), (torch.device("cpu"), False), (torch.device("cuda", 0), True)):
+        assert make_loader(data, 2, SeededSampler(4, 0), 0, device=device).pin_memory is pinned
