@@ -16,7 +16,10 @@ and the ATen operators a step runs, views excluded (on a GPU, about its kernel l
 compiled rows).
 Ratios are against the first row. `--rounds N` builds all rows first and cycles through them N
 times, so that a shared machine's drift falls on every row alike; a "per round" column then shows
-the lowest and highest ratio of one round's medians, the noise left on the ratio. Record results
+the lowest and highest ratio of one round's medians, the noise left on the ratio.
+`--profile-calls N` then profiles N more steps of each row with torch.profiler and prints, after
+the table, where the time went: the operators (on a GPU, kernels) with the most self time, and on
+a GPU the share of the wall time it was busy, which tells launch-bound from compute-bound. Record results
 in docs/benchmarks.md with the command, machine and date; timed tests are not used because shared
 machines are noisy.
 """
@@ -51,7 +54,7 @@ from training.config import (
 )
 from training.evaluate import autocast_context
 from training.host_memory import retain_freed_memory
-from training.measure import median_step_seconds, operators_per_call, peak_memory_bytes
+from training.measure import median_step_seconds, operators_per_call, peak_memory_bytes, profile_summary
 from training.optim import optimizer_from_config
 
 
@@ -64,6 +67,8 @@ class BenchmarkConfig:
     timed_steps: int = 5  # timed steps per row and round; the median is reported
     rounds: int = 1  # >1: cycle through all rows this many times, rows interleaved (models kept in memory)
     round_time_limit: float = 0.0  # seconds: no new round starts after this long (0: none); the table covers the rounds done
+    profile_calls: int = 0  # >0: profile this many more steps of each row and print where their time went
+    profile_rows: int = 15  # operators (kernels on a GPU) listed per profiled row
     threads: int | None = None  # torch intra-op threads (None: PyTorch's default)
     retain_host_memory: bool = True  # keep freed host memory for reuse (see training/host_memory.py)
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
@@ -252,6 +257,7 @@ def benchmark_rows(rows: list[Row], args: BenchmarkConfig, device: torch.device)
             prepared.times = median_step_seconds(prepared.step, device, args.warmup_steps, args.timed_steps)
             results.append(result_of(prepared, args, device))
             report(f"measured {row.spec}")
+            profile_row(prepared, results[-1], args, device)
             del prepared
         return results
     prepared_rows = []
@@ -267,7 +273,16 @@ def benchmark_rows(rows: list[Row], args: BenchmarkConfig, device: torch.device)
             prepared.times += times
             prepared.round_medians.append(statistics.median(times))
             report(f"round {round_number + 1}: {prepared.row.spec}")
-    return [result_of(prepared, args, device) for prepared in prepared_rows]
+    results = [result_of(prepared, args, device) for prepared in prepared_rows]
+    for prepared, result in zip(prepared_rows, results):
+        profile_row(prepared, result, args, device)
+    return results
+
+
+def profile_row(prepared: Prepared, result: dict, args: BenchmarkConfig, device: torch.device) -> None:
+    """With --profile-calls, the row's profile summary goes into its result (printed after the table)."""
+    if args.profile_calls:
+        result["profile"] = profile_summary(prepared.step, device, args.profile_calls, args.profile_rows)
 
 
 def round_ratio_range(first: list[float], row: list[float]) -> tuple[float, float] | None:
@@ -331,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--batch-size, --timed-steps and --rounds must be at least 1, --warmup-steps at least 0")
         if args.round_time_limit < 0:
             raise ConfigError("--round-time-limit must not be negative")
+        if args.profile_calls < 0 or args.profile_rows < 1:
+            raise ConfigError("--profile-calls must not be negative, --profile-rows must be at least 1")
         if args.mode == "data" and (args.workers < 0 or args.jpegs < 1 or args.resolution < 1):
             raise ConfigError("--workers must be at least 0, --jpegs and --resolution at least 1")
         rows = [parse_row(spec) for spec in args.compare] if args.mode != "data" else []
@@ -391,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{'n/a' if result['operators_per_step'] is None else result['operators_per_step']} |")
     if args.rounds > 1 and rounds_done < args.rounds:
         print(f"# {rounds_done} of {args.rounds} rounds done: --round-time-limit {args.round_time_limit:g} s reached")
+    for result in results:
+        if "profile" in result:
+            print(f"\n## profile of {result['row']}: {result['profile']}")
     return 0
 
 

@@ -85,6 +85,12 @@ run_named() {
             $ln+bf16+cl+compile ;;
         train_compile_fp32) bench "$1" 150 --compare $lnpn+fp32+nocl $lnpn+fp32+nocl+compile ;;
         train_compile_bn) bench "$1" 150 --compare $b0-g1-bn@224+bf16+cl $b0-g1-bn@224+bf16+cl+compile ;;
+        # where Proxy Norm's time goes on the GPU: kernels by GPU time, and how busy the GPU was
+        # (launch-bound or not), eager then compiled, each against LN without Proxy Norm
+        profile_eager) bench "$1" 90 --rounds 1 --profile-calls 3 --profile-rows 30 --compare \
+            $lnpn+fp32+nocl $ln+fp32+nocl $lnpn+bf16+cl $ln+bf16+cl ;;
+        profile_compiled) bench "$1" 300 --rounds 1 --profile-calls 3 --profile-rows 30 --compare \
+            $lnpn+bf16+cl+compile $ln+bf16+cl+compile ;;
         *) echo "unknown step $1" >&2; failed=1 ;;
     esac
 }

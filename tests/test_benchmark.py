@@ -73,6 +73,8 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--mode", "data", "--workers", "-1"], "--workers must be at least 0"),
     (["--device", "cuda:99"], "--device cuda:99: "),  # no CUDA device, or not that many
     (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--profile-calls", "-1"], "--profile-calls must not be negative"),
+    (["--profile-rows", "0"], "--profile-rows must be at least 1"),
 ])
 def test_bad_options_exit_2_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_benchmark.main(argv) == 2
@@ -123,3 +125,28 @@ def test_operator_count_counts_computing_operators_not_views() -> None:
     assert run_benchmark.operators_per_call(lambda: (a * 2).t().sum()) == 2  # mul, sum; t is a view
     assert run_benchmark.operators_per_call(lambda: (a.view(12), a.t(), a[0])) == 0
     assert run_benchmark.operators_per_call(lambda: torch.relu(a + 1).mean()) == 3
+
+
+def test_profile_lists_each_rows_heaviest_operators_after_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_benchmark.main(["--compare", TINY_ROW, TINY_ROW + "+proxy_norm=false", "--batch-size", "2",
+                               "--warmup-steps", "0", "--timed-steps", "1", "--num-classes", "10",
+                               "--profile-calls", "1", "--profile-rows", "4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    table_end = out.index("## profile of")
+    sections = out[table_end:].split("## profile of ")[1:]
+    assert [section.split(":")[0] for section in sections] == [TINY_ROW, TINY_ROW + "+proxy_norm=false"]
+    for section in sections:
+        assert "ms a call (profiled, 1 calls)" in section and "Self CPU time total" in section
+        listed = [line for line in section.splitlines() if "aten::" in line or "Optimizer." in line]
+        assert 1 <= len(listed) <= 4  # --profile-rows
+        assert any("convolution" in line for line in listed)  # a training step's heaviest work
+
+
+def test_profile_summary_puts_the_costliest_operator_first() -> None:
+    big, small = torch.randn(400, 400), torch.randn(4)
+    summary = run_benchmark.profile_summary(lambda: (big @ big, small + 1), torch.device("cpu"), calls=2, rows=10)
+    first, rest = summary.splitlines()[0], summary.splitlines()[1:]
+    assert first.startswith("wall ") and "2 calls" in first
+    operators = [line.split()[0] for line in rest if line.strip().startswith("aten::")]
+    assert operators[0] == "aten::mm" and "aten::add" in operators

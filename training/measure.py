@@ -3,6 +3,7 @@
 Throughput: warm-up batches are run and discarded, then each timed batch is synchronised and
 timed on its own; the median is reported (robust to a noisy shared machine).
 Operators per step: a dispatch mode counts them (on a GPU, about the kernel launches).
+Profile: torch.profiler's operators with the most self time, and on a GPU how busy it was.
 Peak memory: on CUDA the allocator's high-water mark; on CPU, where PyTorch keeps no such
 statistic, a dispatch mode counts the bytes of tensors alive at once during the call.
 """
@@ -134,3 +135,29 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         result = fn()
         del result
     return tracker.peak
+
+
+def profile_summary(fn: Callable[[], object], device: torch.device, calls: int = 3, rows: int = 15) -> str:
+    """Where `calls` calls of `fn` spend their time, from torch.profiler: the `rows` operators with
+    the most self time on the device (the GPU's kernels on CUDA, the host's operators on CPU),
+    after a line with the wall time per call and, on a GPU, the share of it the GPU was busy. A
+    GPU busy for much less than the wall time waits for the host to issue work (launch-bound);
+    the table then says which operators to fuse or batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()  # not a first call's one-time work (allocations, autotuning)
+    synchronize(device)
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        wall = (time.perf_counter() - start) / calls
+    events = profiler.key_averages()
+    line = f"wall {wall * 1e3:.1f} ms a call (profiled, {calls} calls)"
+    if device.type == "cuda":
+        busy = sum(event.self_device_time_total for event in events) / 1e3 / calls  # µs -> ms
+        line += f"; GPU busy {busy:.1f} ms a call ({100 * busy / 1e3 / wall:.0f} %)"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return line + "\n" + events.table(sort_by=sort, row_limit=rows)
