@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--round-time-limit must not be negative")
         if args.profile_calls < 0 or args.profile_rows < 1:
             raise ConfigError("--profile-calls must not be negative, --profile-rows must be at least 1")
+        if args.profile_calls and args.mode == "data":
+            raise ConfigError("--profile-calls profiles model steps: use it with --mode train or inference")
         if args.mode == "data" and (args.workers < 0 or args.jpegs < 1 or args.resolution < 1):
             raise ConfigError("--workers must be at least 0, --jpegs and --resolution at least 1")
         rows = [parse_row(spec) for spec in args.compare] if args.mode != "data" else []

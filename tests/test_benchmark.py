@@ -75,6 +75,7 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--device", "tpu"], "--device 'tpu' is not a device"),
     (["--profile-calls", "-1"], "--profile-calls must not be negative"),
     (["--profile-rows", "0"], "--profile-rows must be at least 1"),
+    (["--mode", "data", "--profile-calls", "2"], "--profile-calls profiles model steps"),
 ])
 def test_bad_options_exit_2_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_benchmark.main(argv) == 2
