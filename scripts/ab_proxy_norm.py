@@ -4,6 +4,7 @@
     python scripts/ab_proxy_norm.py --what fold --resolution 224 --precision bf16
     python scripts/ab_proxy_norm.py --what parts --resolution 160 --precision fp32
     python scripts/ab_proxy_norm.py --what cache --mode inference --batch-size 1 --precision fp32
+    python scripts/ab_proxy_norm.py --what parts --device cuda --batch-size 128 --resolution 160
 
 --what function: ProxyNormAct with the fused recomputing autograd Function against the same
                  formula in plain autograd ops. (Since the folds, a training step only uses the
@@ -18,7 +19,7 @@
                  --mode inference.
 Rounds alternate A and B so that drift of a shared machine hits both; medians are printed. The
 step is run_benchmark.py's training (or, with --mode inference, inference) step for the
-efficientnet-b0-g16-lnpn config.
+efficientnet-b0-g16-lnpn config, on the CPU or (--device cuda) a GPU, eager.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.efficientnet import ConvNormAct, EfficientNet, MBConv, SqueezeExcite  # noqa: E402
 from models.proxy_norm import ProxyNormAct, apply_affine, proxy_table  # noqa: E402
+from parallel.context import ParallelError, pick_device, tune_for_device  # noqa: E402
 from run_benchmark import BenchmarkConfig, parse_row, prepare_row  # noqa: E402
 from training.host_memory import retain_freed_memory  # noqa: E402
+from training.measure import synchronize  # noqa: E402
 
 
 def plain_proxy_forward(self: ProxyNormAct, x: torch.Tensor, table=None) -> torch.Tensor:
@@ -113,10 +116,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--mode", choices=["train", "inference"], default="train")
     parser.add_argument("--steps", type=int, default=2, help="timed steps a variant runs in each round")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
     for option in ("rounds", "steps", "batch_size", "resolution"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
+    try:
+        device = pick_device(args.device, 0)
+    except ParallelError as error:
+        parser.error(str(error))
+    tune_for_device(device)
     retain_freed_memory()  # as the entry points do (docs/benchmarks.md A.1)
 
     layout = "cl" if args.precision == "bf16" else "nocl"
@@ -125,7 +134,7 @@ def main() -> None:
     replaced = {target for _, patches in variants.values() for target in patches}
     originals = {target: getattr(*target) for target in replaced}
     config = BenchmarkConfig(batch_size=args.batch_size, mode=args.mode)
-    steps = {label: prepare_row(parse_row(row), config, torch.device("cpu")).step for label, (row, _) in variants.items()}
+    steps = {label: prepare_row(parse_row(row), config, device).step for label, (row, _) in variants.items()}
 
     times: dict[str, list[float]] = {label: [] for label in variants}
     try:
@@ -134,9 +143,11 @@ def main() -> None:
                 for (owner, name), original in originals.items():
                     setattr(owner, name, patches.get((owner, name), original))
                 steps[label]()  # warm-up for this variant
+                synchronize(device)
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     steps[label]()
+                synchronize(device)
                 if round_index:
                     times[label].append((time.perf_counter() - start) / args.steps)
     finally:

@@ -89,6 +89,9 @@ run_named() {
         # (launch-bound or not), eager then compiled, each against LN without Proxy Norm
         profile_eager) bench "$1" 90 --rounds 1 --profile-calls 3 --profile-rows 30 --compare \
             $lnpn+fp32+nocl $ln+fp32+nocl $lnpn+bf16+cl $ln+bf16+cl ;;
+        # Proxy Norm's parts taken away one at a time (moments' gradient, SE terms, folds), eager
+        ab_parts) run_step "$1" 120 "$python" scripts/ab_proxy_norm.py --what parts --device "$device" \
+            --batch-size "${BATCH:-128}" --resolution 160 --precision fp32 --rounds 3 --steps 3 ;;
         profile_compiled) bench "$1" 300 --rounds 1 --profile-calls 3 --profile-rows 30 --compare \
             $lnpn+bf16+cl+compile $ln+bf16+cl+compile ;;
         *) echo "unknown step $1" >&2; failed=1 ;;

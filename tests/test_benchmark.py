@@ -151,3 +151,21 @@ def test_profile_summary_puts_the_costliest_operator_first() -> None:
     assert first.startswith("wall ") and "2 calls" in first
     operators = [line.split()[0] for line in rest if line.strip().startswith("aten::")]
     assert operators[0] == "aten::mm" and "aten::add" in operators
+
+
+def test_proxy_norm_ab_script_times_every_variant_and_restores_the_model(monkeypatch, capsys) -> None:
+    """scripts/ab_proxy_norm.py swaps methods of the model's classes between rounds: each variant
+    gets a line, and the classes are as they were afterwards."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import ab_proxy_norm
+
+    originals = {target: getattr(*target) for target in [
+        (ab_proxy_norm.EfficientNet, "proxy_table"), (ab_proxy_norm.SqueezeExcite, "forward_split"),
+        (ab_proxy_norm.ConvNormAct, "forward_for_conv")]}
+    monkeypatch.setattr(sys, "argv", ["ab_proxy_norm.py", "--what", "parts", "--resolution", "32", "--batch-size",
+                                      "2", "--rounds", "1", "--steps", "1", "--precision", "fp32"])
+    ab_proxy_norm.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"parts fp32 32px {label}" for label in (
+        "LN", "LN+PN", "LN+PN, constant moment table", "LN+PN, SE without its Proxy Norm terms", "LN+PN, no folds")]
+    assert all(getattr(*target) is method for target, method in originals.items())
