@@ -405,15 +405,14 @@ class EfficientNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def proxy_table(self) -> ProxyTable | None:
-        """All Proxy Norm moments of this forward pass, computed together (see `proxy_table`); None
-        without Proxy Norm. Under torch.compile too: Inductor does not merge the layers' separate
-        moments, and the table saves it about 200 of 1,630 kernels and a quarter of the compile time
-        (B0 training, CPU, docs/benchmarks.md C.7). There without the inference cache, whose value
-        comparisons would be traced into the graph."""
-        layers = [module for module in self.modules() if isinstance(module, ProxyNormAct)]
-        if not layers:
+        """All Proxy Norm moments of this forward pass, computed together (see `proxy_table`).
+        None without Proxy Norm, and under torch.compile, where each layer computes its own: with
+        the table, Inductor (PyTorch 2.14.1) got some layers' gradients wrong (docs/benchmarks.md
+        C.7; `test_compiled_model_matches_eager` checks it)."""
+        if torch.compiler.is_compiling():
             return None
-        return proxy_table(layers, None if torch.compiler.is_compiling() else self._proxy_table_cache)
+        layers = [module for module in self.modules() if isinstance(module, ProxyNormAct)]
+        return proxy_table(layers, self._proxy_table_cache) if layers else None
 
     def forward_trunk(self, x: torch.Tensor, table: ProxyTable | None) -> torch.Tensor:
         """Stem and blocks. In training, the stem's Proxy Norm is folded into the first block's conv."""
