@@ -7,7 +7,8 @@
 
 The first row is run once untimed before anything is measured (a process's first work is slow).
 A row is CONFIG[@RES][+fp32|+bf16|+fp16][+cl|+nocl][+compile|+nocompile][+KEY=VALUE…] or
-timm:MODEL[@RES]; precision, memory format and compile default to the config's. Each row
+timm:MODEL[@RES]; precision, memory format and compile default to the config's
+(+compile+compile_mode=reduce-overhead picks torch.compile's mode, as --compile-mode does). Each row
 runs warm-up steps (not timed), then timed steps each synchronised and timed alone; the median is
 reported with GMACs per image, achieved GFLOP/s (a training step counted as 3 forward passes),
 that as a share of this machine's matmul peak (measured here first), and peak memory per image
@@ -89,6 +90,7 @@ class Row:
     precision: str | None = None  # None: the config's (fp32 for timm rows)
     channels_last: bool | None = None  # None: the config's
     compile: bool | None = None
+    compile_mode: str = "default"  # the config's --compile-mode (+compile_mode=MODE)
     overrides: dict = field(default_factory=dict)
     timm_model: str | None = None
 
@@ -138,9 +140,10 @@ def check_row(row: Row):
         if row.timm_model not in timm.list_models():
             raise ConfigError(f"row {row.spec!r}: timm has no model {row.timm_model!r}")
         return None
-    cfg = make_config({**resolve_config(row.config), "data": "generated", **row.overrides}, f"row {row.spec!r}")
-    check_config(cfg)
+    flags = {} if row.compile is None else {"compile": row.compile}  # +compile, for --compile-mode's check
+    cfg = make_config({**resolve_config(row.config), "data": "generated", **flags, **row.overrides}, f"row {row.spec!r}")
     try:
+        check_config(cfg)
         meta_model(cfg)
     except ConfigError as error:
         raise ConfigError(f"row {row.spec!r}: {error}") from None
@@ -160,6 +163,7 @@ def build(row: Row, num_classes: int) -> tuple[torch.nn.Module, object]:
     row.precision = row.precision or cfg.precision
     row.channels_last = cfg.channels_last if row.channels_last is None else row.channels_last
     row.compile = cfg.compile if row.compile is None else row.compile
+    row.compile_mode = cfg.compile_mode
     return create_model(cfg.model, **model_overrides(cfg, num_classes)), cfg
 
 
@@ -191,7 +195,7 @@ def prepare_row(row: Row, args: BenchmarkConfig, device: torch.device) -> Prepar
     memory_format = torch.channels_last if row.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     macs = count_macs(model, row.resolution) / 1e9
-    forward = torch.compile(model) if row.compile else model
+    forward = torch.compile(model, mode=row.compile_mode) if row.compile else model
     x = torch.randn(args.batch_size, 3, row.resolution, row.resolution, device=device)
     x = x.contiguous(memory_format=memory_format)
     y = torch.randint(args.num_classes, (args.batch_size,), device=device)
@@ -233,7 +237,7 @@ def result_of(prepared: Prepared, args: BenchmarkConfig, device: torch.device) -
     median = statistics.median(prepared.times)
     images_per_s = args.batch_size / median
     return dict(row=row.spec, resolution=row.resolution, precision=row.precision, channels_last=row.channels_last,
-                compile=row.compile, images_per_s=images_per_s, median_step_s=median, timed_steps=len(prepared.times),
+                compile=row.compile, compile_mode=row.compile_mode, images_per_s=images_per_s, median_step_s=median, timed_steps=len(prepared.times),
                 round_medians=prepared.round_medians,
                 gmacs=prepared.gmacs,
                 gflops=2 * prepared.gmacs * prepared.passes * images_per_s,
@@ -401,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = result["images_per_s"] / results[0]["images_per_s"]
         share = 100 * result["gflops"] / peaks[result["precision"]]
         layout = ("NHWC" if result["channels_last"] else "NCHW") + (" compiled" if result["compile"] else "")
+        if result["compile"] and result["compile_mode"] != "default":
+            layout += f" ({result['compile_mode']})"
         lowest_highest = round_ratio_range(results[0]["round_medians"], result["round_medians"])
         spread_cell = f" {lowest_highest[0]:.2f}–{lowest_highest[1]:.2f} |" if spread else ""
         memory = "n/a" if result["peak_mb_per_image"] is None else f"{result['peak_mb_per_image']:.1f}"

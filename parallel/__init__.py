@@ -26,7 +26,7 @@ def check_layout(cfg, model: nn.Module) -> None:
 def wrap(model: nn.Module, cfg, ctx: Context) -> Runner | PipelineRunner:
     if cfg.pipeline_splits:
         return PipelineRunner(model, ctx, cfg.pipeline_splits, cfg.pipeline_schedule, cfg.channels_last)
-    return Runner(model, ctx, cfg.compile)
+    return Runner(model, ctx, cfg.compile, cfg.compile_mode)
 
 
 __all__ = ["Context", "ParallelError", "PipelineRunner", "Runner", "StepSettings", "check_layout", "setup", "wrap"]

@@ -92,6 +92,9 @@ run_named() {
         # Proxy Norm's parts taken away one at a time (moments' gradient, SE terms, folds), eager
         ab_parts) run_step "$1" 120 "$python" scripts/ab_proxy_norm.py --what parts --device "$device" \
             --batch-size "${BATCH:-128}" --resolution 160 --precision fp32 --rounds 3 --steps 3 ;;
+        # CUDA graphs (--compile-mode reduce-overhead) against plain compile, LN+PN and LN
+        train_cuda_graphs) bench "$1" 300 --rounds 1 --compare $lnpn+bf16+cl+compile \
+            $lnpn+bf16+cl+compile+compile_mode=reduce-overhead $ln+bf16+cl+compile+compile_mode=reduce-overhead ;;
         profile_compiled) bench "$1" 300 --rounds 1 --profile-calls 3 --profile-rows 30 --compare \
             $lnpn+bf16+cl+compile $ln+bf16+cl+compile ;;
         *) echo "unknown step $1" >&2; failed=1 ;;

@@ -87,6 +87,20 @@ def test_compiled_model_on_the_accelerator_matches_eager() -> None:
     assert_compiled_model_matches_eager(ACCELERATOR, batch_size=4)
 
 
+def test_training_with_cuda_graphs_follows_eager(tmp_path: Path) -> None:
+    """`--compile true --compile-mode reduce-overhead` (on CUDA, each step's kernels replayed as
+    CUDA graphs) through the real training loop, whose metrics read the compiled step's outputs:
+    the eager run's weights, and its training loss."""
+    runs = tmp_path / "runs"
+    common = [*EXACT, "--device", ACCELERATOR, "--precision", "fp32", "--micro-batch-size", "8"]
+    assert run_train.main(tiny_train_args(runs, *common, "--run-name", "eager")) == 0
+    assert run_train.main(tiny_train_args(runs, *common, "--compile", "true", "--compile-mode", "reduce-overhead",
+                                          "--run-name", "graphs")) == 0
+    assert_same_weights(final_weights(runs / "eager"), final_weights(runs / "graphs"), atol=1e-4)
+    assert epoch_record(runs / "graphs")["train_loss"] == pytest.approx(epoch_record(runs / "eager")["train_loss"],
+                                                                        rel=1e-4)
+
+
 @pytest.mark.skipif(ACCELERATOR == "cuda" and torch.cuda.device_count() < 2,
                     reason="nccl needs one GPU per replica: two GPUs")
 def test_two_replicas_on_the_accelerator_equal_one_process(tmp_path: Path) -> None:

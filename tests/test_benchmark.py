@@ -76,6 +76,8 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--profile-calls", "-1"], "--profile-calls must not be negative"),
     (["--profile-rows", "0"], "--profile-rows must be at least 1"),
     (["--mode", "data", "--profile-calls", "2"], "--profile-calls profiles model steps"),
+    (["--compare", "demo+compile_mode=reduce-overhead"],
+     "row 'demo+compile_mode=reduce-overhead': --compile-mode reduce-overhead needs --compile true"),
 ])
 def test_bad_options_exit_2_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_benchmark.main(argv) == 2
@@ -169,3 +171,14 @@ def test_proxy_norm_ab_script_times_every_variant_and_restores_the_model(monkeyp
     assert [line.split(":")[0] for line in lines] == [f"parts fp32 32px {label}" for label in (
         "LN", "LN+PN", "LN+PN, constant moment table", "LN+PN, SE without its Proxy Norm terms", "LN+PN, no folds")]
     assert all(getattr(*target) is method for target, method in originals.items())
+
+
+def test_a_rows_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
+    args = run_benchmark.BenchmarkConfig(batch_size=2, num_classes=10)
+    for flags, expected in (("+compile", "default"), ("+compile+compile_mode=max-autotune", "max-autotune")):
+        prepared = run_benchmark.prepare_row(run_benchmark.parse_row(TINY_ROW + flags), args, torch.device("cpu"))
+        assert modes[-1] == expected and prepared.row.compile_mode == expected
+    run_benchmark.prepare_row(run_benchmark.parse_row(TINY_ROW), args, torch.device("cpu"))
+    assert len(modes) == 2  # not compiled: torch.compile is not called

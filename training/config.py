@@ -97,6 +97,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     channels_last: bool = False  # NHWC memory format for the model and its inputs
     compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     retain_host_memory: bool = True  # keep freed host memory for reuse (no per-step page faults)
 
@@ -138,6 +139,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("exponential", "cosine"),
     "precision": ("fp32", "bf16", "fp16"),
     "pipeline_schedule": ("gpipe", "1f1b"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 POSITIVE_INTS = ("micro_batch_size", "gradient_accumulation", "replicas", "group_size", "expand_ratio", "norm_groups")
 NON_NEGATIVE = ("epochs", "workers", "fine_tune_epochs", "checkpoint_every_steps", "validate_every", "warmup_epochs",
@@ -273,6 +275,8 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not value > 0:
             raise ConfigError(f"{option(name)} must be positive, got {value}")
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile true")
     if cfg.lr_decay > 1:
         raise ConfigError(f"--lr-decay is a factor in (0, 1], got {cfg.lr_decay}")
     if not 0.0 < cfg.cutmix_lambda <= 1.0:
