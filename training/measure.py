@@ -10,6 +10,7 @@ statistic, a dispatch mode counts the bytes of tensors alive at once during the 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 import weakref
@@ -145,6 +146,9 @@ def profile_summary(fn: Callable[[], object], device: torch.device, calls: int =
     the table then says which operators to fuse or batch."""
     from torch.profiler import ProfilerActivity, profile
 
+    # without this, Kineto logs "ERROR ... gpuGetDeviceCount failed" on a machine without a GPU;
+    # a level the user set is kept
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     fn()  # not a first call's one-time work (allocations, autotuning)
     synchronize(device)
