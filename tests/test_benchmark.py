@@ -11,6 +11,7 @@ import torch
 
 import run_benchmark
 from conftest import ROOT
+from training.measure import profile_summary
 
 TINY_ROW = "demo@32+fp32+nocl+width=0.25+depth=0.25"
 
@@ -148,7 +149,7 @@ def test_profile_lists_each_rows_heaviest_operators_after_the_table(capsys: pyte
 
 def test_profile_summary_puts_the_costliest_operator_first() -> None:
     big, small = torch.randn(400, 400), torch.randn(4)
-    summary = run_benchmark.profile_summary(lambda: (big @ big, small + 1), torch.device("cpu"), calls=2, rows=10)
+    summary = profile_summary(lambda: (big @ big, small + 1), torch.device("cpu"), calls=2, rows=10)
     first, rest = summary.splitlines()[0], summary.splitlines()[1:]
     assert first.startswith("wall ") and "2 calls" in first
     operators = [line.split()[0] for line in rest if line.strip().startswith("aten::")]
