@@ -260,7 +260,7 @@ def benchmark_rows(rows: list[Row], args: BenchmarkConfig, device: torch.device)
             prepared = prepare_row(row, args, device)
             prepared.times = median_step_seconds(prepared.step, device, args.warmup_steps, args.timed_steps)
             results.append(result_of(prepared, args, device))
-            report(f"measured {row.spec}")
+            report(f"measured {row.spec}: {results[-1]['images_per_s']:.1f} img/s")  # kept if a timeout cuts the table
             profile_row(prepared, results[-1], args, device)
             del prepared
         return results
@@ -276,7 +276,7 @@ def benchmark_rows(rows: list[Row], args: BenchmarkConfig, device: torch.device)
             times = median_step_seconds(prepared.step, device, args.warmup_steps, args.timed_steps)
             prepared.times += times
             prepared.round_medians.append(statistics.median(times))
-            report(f"round {round_number + 1}: {prepared.row.spec}")
+            report(f"round {round_number + 1}: {prepared.row.spec}: {args.batch_size / prepared.round_medians[-1]:.1f} img/s")
     results = [result_of(prepared, args, device) for prepared in prepared_rows]
     for prepared, result in zip(prepared_rows, results):
         profile_row(prepared, result, args, device)

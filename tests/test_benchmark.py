@@ -46,6 +46,8 @@ def test_round_time_limit_stops_starting_rounds(capsys: pytest.CaptureFixture[st
     captured = capsys.readouterr()
     assert "# 1 of 50 rounds done: --round-time-limit 1e-09 s reached" in captured.out
     assert "round time limit reached: 1 of 50 rounds done" in captured.err
+    # each row's speed is on stderr as it is measured, so a run cut short by a timeout keeps them
+    assert f"round 1: {TINY_ROW}: " in captured.err and " img/s" in captured.err
     assert len([line for line in captured.out.splitlines() if line.startswith("| demo@32")]) == 2
     assert run_benchmark.main(["--round-time-limit", "-1"]) == 2
 
@@ -136,7 +138,9 @@ def test_profile_lists_each_rows_heaviest_operators_after_the_table(capsys: pyte
                                "--warmup-steps", "0", "--timed-steps", "1", "--num-classes", "10",
                                "--profile-calls", "1", "--profile-rows", "4"])
     assert code == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert f"measured {TINY_ROW}: " in captured.err  # one round: each row's speed as it is measured
     table_end = out.index("## profile of")
     sections = out[table_end:].split("## profile of ")[1:]
     assert [section.split(":")[0] for section in sections] == [TINY_ROW, TINY_ROW + "+proxy_norm=false"]
