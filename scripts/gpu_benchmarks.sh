@@ -11,7 +11,9 @@
 # DEVICE, BATCH, TIMED, ROUNDS, BUDGET and PYTHON override the defaults (cuda, 128, 5, 2, 540,
 # python3); STEPS names the steps to run (see run_named), in order; e.g.
 # DEVICE=cpu BATCH=2 TIMED=1 ROUNDS=1 COMPILE=0 checks the script itself on a machine without a GPU.
-# On an H200 (2026-11-26) a step of 4-6 eager rows took 30-60 s, a compiled row 60-90 s more.
+# On an H200 (2026-11-26) a step of 4-6 eager rows took 30-60 s (a new dtype or layout spends 7-26 s
+# in cuDNN's autotuner), a compiled row 70-125 s more; the tests step 113 s. Rows' img/s go to
+# stderr as they are measured, so a step cut by its time limit still shows what finished.
 set -uo pipefail
 if [ $# -ne 1 ]; then echo "usage: bash scripts/gpu_benchmarks.sh OUTPUT_DIR" >&2; exit 2; fi
 out=$1
