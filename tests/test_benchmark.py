@@ -11,7 +11,7 @@ import torch
 
 import run_benchmark
 from conftest import ROOT
-from training.measure import profile_summary
+from training.measure import device_busy_us, profile_summary
 
 TINY_ROW = "demo@32+fp32+nocl+width=0.25+depth=0.25"
 
@@ -187,3 +187,19 @@ def test_a_rows_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPat
         assert modes[-1] == expected and prepared.row.compile_mode == expected
     run_benchmark.prepare_row(run_benchmark.parse_row(TINY_ROW), args, torch.device("cpu"))
     assert len(modes) == 2  # not compiled: torch.compile is not called
+
+
+def test_gpu_busy_time_counts_each_kernel_once() -> None:
+    """An operator's profiler event carries its kernels' device time too: only the device's own
+    events count, and user annotations (record_function ranges) not at all."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(device_type, microseconds, annotation=False):
+        return SimpleNamespace(device_type=device_type, self_device_time_total=microseconds,
+                               is_user_annotation=annotation)
+
+    events = [event(DeviceType.CPU, 30.0), event(DeviceType.CUDA, 20.0), event(DeviceType.CUDA, 10.0),
+              event(DeviceType.CUDA, 99.0, annotation=True)]  # aten op (its 2 kernels), 2 kernels, a range
+    assert device_busy_us(events) == 30.0

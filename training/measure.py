@@ -161,7 +161,17 @@ def profile_summary(fn: Callable[[], object], device: torch.device, calls: int =
     events = profiler.key_averages()
     line = f"wall {wall * 1e3:.1f} ms a call (profiled, {calls} calls)"
     if device.type == "cuda":
-        busy = sum(event.self_device_time_total for event in events) / 1e3 / calls  # µs -> ms
+        busy = device_busy_us(events) / 1e3 / calls  # ms a call
         line += f"; GPU busy {busy:.1f} ms a call ({100 * busy / 1e3 / wall:.0f} %)"
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return line + "\n" + events.table(sort_by=sort, row_limit=rows)
+
+
+def device_busy_us(events) -> float:
+    """µs the GPU spent in kernels and copies: the device's own events only. An operator's event
+    also carries the device time of the kernels it launched, so summing every event would count
+    each kernel twice (the profiler's table footer sums the same way)."""
+    from torch.autograd import DeviceType
+
+    return sum(event.self_device_time_total for event in events
+               if event.device_type == DeviceType.CUDA and not event.is_user_annotation)
