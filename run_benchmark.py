@@ -140,7 +140,10 @@ def check_row(row: Row):
         if row.timm_model not in timm.list_models():
             raise ConfigError(f"row {row.spec!r}: timm has no model {row.timm_model!r}")
         return None
-    flags = {} if row.compile is None else {"compile": row.compile}  # +compile, for --compile-mode's check
+    # the row's flags override the config as options would, and are checked with it (e.g. +compile
+    # for --compile-mode)
+    flags = {name: value for name, value in (("precision", row.precision), ("channels_last", row.channels_last),
+                                             ("compile", row.compile)) if value is not None}
     cfg = make_config({**resolve_config(row.config), "data": "generated", **flags, **row.overrides}, f"row {row.spec!r}")
     try:
         check_config(cfg)
@@ -160,10 +163,8 @@ def build(row: Row, num_classes: int) -> tuple[torch.nn.Module, object]:
         row.compile = bool(row.compile)
         return timm.create_model(row.timm_model, pretrained=False, num_classes=num_classes), None
     row.resolution = row.resolution or native_resolution(cfg)
-    row.precision = row.precision or cfg.precision
-    row.channels_last = cfg.channels_last if row.channels_last is None else row.channels_last
-    row.compile = cfg.compile if row.compile is None else row.compile
-    row.compile_mode = cfg.compile_mode
+    row.precision, row.channels_last, row.compile, row.compile_mode = (cfg.precision, cfg.channels_last, cfg.compile,
+                                                                       cfg.compile_mode)
     return create_model(cfg.model, **model_overrides(cfg, num_classes)), cfg
 
 
