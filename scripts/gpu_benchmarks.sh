@@ -77,9 +77,6 @@ run_named() {
         # targets 2, 4 and 5: Proxy Norm against LN, and precision x layout, for G16-LN+PN and G1-BN
         train_precision) bench "$1" 120 --compare $lnpn+fp32+nocl $ln+fp32+nocl $lnpn+bf16+cl \
             $ln+bf16+cl $lnpn+fp16+cl $b0-g1-bn@224+bf16+cl ;;
-        # rows that made an 8-row comparison overrun 120 s on an H200 (2026-11-26): which one is slow?
-        train_precision_more) bench "$1" 120 --compare $lnpn+bf16+cl $lnpn+bf16+nocl \
-            $b0-g1-bn@224+fp16+cl ;;
         tests) [ "$device" != cuda ] || run_step "$1" 150 "$python" -m pytest -q -p no:cacheprovider \
             tests/test_accelerator.py ;;
         # compiled: Proxy Norm against LN (target 2 on the GPU), bf16 against fp32, G1-BN
