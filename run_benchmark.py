@@ -20,7 +20,9 @@ times, so that a shared machine's drift falls on every row alike; a "per round" 
 the lowest and highest ratio of one round's medians, the noise left on the ratio.
 `--profile-calls N` then profiles N more steps of each row with torch.profiler and prints, after
 the table, where the time went: the operators (on a GPU, kernels) with the most self time, and on
-a GPU the share of the wall time it was busy, which tells launch-bound from compute-bound. Record results
+a GPU the share of the wall time it was busy, which tells launch-bound from compute-bound.
+`--results-file PATH.json|PATH.csv` also writes the figures, with what reproducing them needs (date,
+command, git commit, processor, threads, versions, device, matmul peaks, settings). Record results
 in docs/benchmarks.md with the command, machine and date; timed tests are not used because shared
 machines are noisy.
 """
@@ -28,7 +30,9 @@ machines are noisy.
 from __future__ import annotations
 
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +61,7 @@ from training.evaluate import autocast_context
 from training.host_memory import retain_freed_memory
 from training.measure import median_step_seconds, operators_per_call, peak_memory_bytes, profile_summary
 from training.optim import optimizer_from_config
+from training.results import TABLE_SUFFIXES, check_writable, write_csv, write_json
 
 
 @dataclass
@@ -70,6 +75,7 @@ class BenchmarkConfig:
     round_time_limit: float = 0.0  # seconds: no new round starts after this long (0: none); the table covers the rounds done
     profile_calls: int = 0  # >0: profile this many more steps of each row and print where their time went
     profile_rows: int = 15  # operators (kernels on a GPU) listed per profiled row
+    results_file: str | None = None  # .json or .csv: the figures, with the machine, settings and commit
     threads: int | None = None  # torch intra-op threads (None: PyTorch's default)
     retain_host_memory: bool = True  # keep freed host memory for reuse (see training/host_memory.py)
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
@@ -338,13 +344,70 @@ def benchmark_loader(args: BenchmarkConfig) -> dict:
                 images_per_s=images / elapsed, images_per_s_per_worker=per_worker, images=images)
 
 
+# ---------------------------------------------------------------------------- results
+
+
+def add_ratios(results: list[dict], peaks: dict[str, float]) -> None:
+    """Each row's speed against the first row's (overall, and its lowest and highest per round)
+    and its GFLOP/s as a share of the matmul peak of its precision."""
+    for result in results:
+        result["ratio"] = result["images_per_s"] / results[0]["images_per_s"]
+        lowest_highest = round_ratio_range(results[0]["round_medians"], result["round_medians"])
+        result["ratio_lowest_round"], result["ratio_highest_round"] = lowest_highest or (None, None)
+        result["percent_of_peak"] = 100 * result["gflops"] / peaks[result["precision"]]
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with '+changes' when it has uncommitted changes), or None outside git."""
+    folder = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if changed else "")
+
+
+def environment(args: BenchmarkConfig, arguments: list[str], device: torch.device, retained: bool) -> dict:
+    """What a figure needs beside it to be reproduced: when, where, with what, and how measured."""
+    return dict(
+        date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=shlex.join(["python", "run_benchmark.py", *arguments]), commit=git_commit(),
+        processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+        python=platform.python_version(), torch=torch.__version__, device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        host_memory_retained=bool(retained), mode=args.mode, batch_size=args.batch_size,
+        warmup_steps=args.warmup_steps, timed_steps=args.timed_steps, rounds=args.rounds,
+    )
+
+
+def write_results(args: BenchmarkConfig, machine: dict, results: list[dict]) -> None:
+    """--results-file: JSON holds the environment and the rows; CSV a line per row, the
+    environment's fields repeated on each (one file can then collect several runs' rows)."""
+    if not args.results_file:
+        return
+    path = Path(args.results_file)
+    if path.suffix == ".json":
+        write_json(dict(environment=machine, rows=results), path)
+    else:
+        flat = {key: value for key, value in machine.items() if not isinstance(value, dict)}
+        flat.update({f"matmul_peak_gflops_{name}": value for name, value in machine.get("matmul_peak_gflops", {}).items()})
+        lines = [{**{k: v for k, v in result.items() if k not in ("profile", "round_medians")},
+                  **({"round_medians_s": " ".join(f"{t:.6g}" for t in result["round_medians"])}
+                     if "round_medians" in result else {}), **flat}
+                 for result in results]
+        write_csv(lines, path)
+    print(f"# wrote {path}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parse_dataclass(list(sys.argv[1:] if argv is None else argv), BenchmarkConfig, BenchmarkConfig(),
-                               __doc__)
+        args = parse_dataclass(arguments, BenchmarkConfig, BenchmarkConfig(), __doc__)
         if args.mode not in ("train", "inference", "data"):
             raise ConfigError(f"--mode must be train, inference or data, got {args.mode!r}")
         if args.batch_size < 1 or args.timed_steps < 1 or args.warmup_steps < 0 or args.rounds < 1:
@@ -357,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--profile-calls profiles model steps: use it with --mode train or inference")
         if args.mode == "data" and (args.workers < 0 or args.jpegs < 1 or args.resolution < 1):
             raise ConfigError("--workers must be at least 0, --jpegs and --resolution at least 1")
+        if args.results_file:
+            results_file = Path(args.results_file)
+            if results_file.suffix not in TABLE_SUFFIXES:
+                raise ConfigError(f"--results-file must end in .json or .csv, got {args.results_file!r}")
+            check_writable(results_file, "--results-file")  # before the measurements a failed write would lose
         rows = [parse_row(spec) for spec in args.compare] if args.mode != "data" else []
         for row in rows:
             check_row(row)
@@ -368,9 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     retained = args.retain_host_memory and retain_freed_memory()
-    print(f"# {time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()} | "
-          f"{torch.get_num_threads()} threads | torch {torch.__version__} | device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    machine = environment(args, arguments, device, retained)
+    print(f"# {time.strftime('%Y-%m-%d')} | {machine['processor']} | "
+          f"{machine['threads']} threads | torch {machine['torch']} | device {device}"
+          + (f" ({machine['device_name']})" if device.type == "cuda" else "")
           + f" | host memory {'retained' if retained else 'returned to the OS'}")
     if args.mode == "data":
         try:
@@ -380,10 +449,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"{result['row']}: {result['images_per_s']:.1f} images/s, "
               f"{result['images_per_s_per_worker']:.1f} per worker, at {result['resolution']} px")
+        write_results(args, machine, [result])
         return 0
 
     peaks = {"fp32": matmul_peak_gflops(device, torch.float32), "bf16": matmul_peak_gflops(device, torch.bfloat16)}
     peaks["fp16"] = matmul_peak_gflops(device, torch.float16) if device.type == "cuda" else peaks["bf16"]
+    machine["matmul_peak_gflops"] = peaks
     print("# matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print(f"# mode {args.mode}, batch {args.batch_size}, {args.warmup_steps} warm-up + {args.timed_steps} timed steps"
           + (f", {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
@@ -396,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    add_ratios(results, peaks)
     rounds_done = len(results[0]["round_medians"])
     spread = " per round |" if rounds_done > 1 else ""
     header = (f"| {'row':<44} | res | precision | layout | img/s | ratio |{spread} GMACs/img | GFLOP/s | % peak "
@@ -403,23 +475,21 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     for result in results:
-        ratio = result["images_per_s"] / results[0]["images_per_s"]
-        share = 100 * result["gflops"] / peaks[result["precision"]]
         layout = ("NHWC" if result["channels_last"] else "NCHW") + (" compiled" if result["compile"] else "")
         if result["compile"] and result["compile_mode"] != "default":
             layout += f" ({result['compile_mode']})"
-        lowest_highest = round_ratio_range(results[0]["round_medians"], result["round_medians"])
-        spread_cell = f" {lowest_highest[0]:.2f}–{lowest_highest[1]:.2f} |" if spread else ""
+        spread_cell = f" {result['ratio_lowest_round']:.2f}–{result['ratio_highest_round']:.2f} |" if spread else ""
         memory = "n/a" if result["peak_mb_per_image"] is None else f"{result['peak_mb_per_image']:.1f}"
         print(f"| {result['row']:<44} | {result['resolution']} | {result['precision']} | {layout} | "
-              f"{result['images_per_s']:.1f} | {ratio:.2f}x |{spread_cell} "
-              f"{result['gmacs']:.3f} | {result['gflops']:.1f} | {share:.1f} | {memory} | "
+              f"{result['images_per_s']:.1f} | {result['ratio']:.2f}x |{spread_cell} "
+              f"{result['gmacs']:.3f} | {result['gflops']:.1f} | {result['percent_of_peak']:.1f} | {memory} | "
               f"{'n/a' if result['operators_per_step'] is None else result['operators_per_step']} |")
     if args.rounds > 1 and rounds_done < args.rounds:
         print(f"# {rounds_done} of {args.rounds} rounds done: --round-time-limit {args.round_time_limit:g} s reached")
     for result in results:
         if "profile" in result:
             print(f"\n## profile of {result['row']}: {result['profile']}")
+    write_results(args, machine, results)
     return 0
 
 

@@ -11,10 +11,7 @@ excluded, median over batches, the same batch size everywhere), GMACs per image 
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
-import io
-import json
 import sys
 import tempfile
 import time
@@ -40,6 +37,7 @@ from training.data import open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
 from training.host_memory import retain_freed_memory
 from training.measure import inference_throughput, peak_memory_bytes
+from training.results import check_writable, write_csv, write_json
 from training.trained import WEIGHTS, load_weights, model_from_weights
 
 
@@ -77,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         sources = find_sources(Path(args.checkpoint))
         prefix = Path(args.output_prefix) if args.output_prefix else default_prefix(sources[0])
         for target in [Path(f"{prefix}.csv")] + ([Path(args.plot)] if args.plot else []):
-            check_writable(target)  # before the sweep, which a failed write at the end would lose
+            check_writable(target, "--output-prefix / --plot")  # before the sweep, which a failed write at the end would lose
         rows = []
         for source in sources:
             rows += sweep(source, args, resolutions)
@@ -257,24 +255,10 @@ def default_prefix(source: Path) -> Path:
     return folder / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_writable(path: Path) -> None:
-    """Create the folder of an output file and try writing in it, or raise ConfigError."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as error:
-        raise ConfigError(f"cannot write {path}: {error.strerror} (check --output-prefix / --plot)") from None
-
-
 def write_outputs(rows: list[dict], prefix: Path) -> None:
     """The sweep as CSV and JSON, each written atomically (a reader never sees half a file)."""
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(Path(f"{prefix}.csv"), lambda handle: handle.write(table.getvalue().encode()))
-    atomic_write(Path(f"{prefix}.json"), lambda handle: handle.write(json.dumps(rows, indent=2).encode()))
+    write_csv(rows, Path(f"{prefix}.csv"))
+    write_json(rows, Path(f"{prefix}.json"))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 6, target 7 on a CUDA machine, in one command that ends within BUDGET seconds (default 540):
 # the paper's comparison in training and inference (with timm's B0 when timm is installed),
-# fp32/bf16/fp16, channels_last, the CUDA tests, then torch.compile (most wanted first). Each step writes one file in
-# OUTPUT_DIR; a step that fails or runs out of time is noted there and the next one runs, so a
+# fp32/bf16/fp16, channels_last, the CUDA tests, then torch.compile (most wanted first). Each step writes its output
+# to OUTPUT_DIR/STEP.txt (a run_benchmark step also its figures, with the commit and machine, to
+# STEP.json); a step that fails or runs out of time is noted there and the next one runs, so a
 # short lease still brings back what finished. Record the figures in docs/benchmarks.md with this
 # command, the machine and the date.
 #
@@ -61,7 +62,8 @@ run_step() {  # name, most seconds it may take, then the command; stops at the b
     fi
 }
 # no new round starts after half a step's time, so that its table is printed before the cap
-bench() { run_step "$1" "$2" "$python" run_benchmark.py "${common[@]}" --round-time-limit $(($2 / 2)) "${@:3}"; }
+bench() { run_step "$1" "$2" "$python" run_benchmark.py "${common[@]}" --round-time-limit $(($2 / 2)) \
+    --results-file "$out/$1.json" "${@:3}"; }
 
 b0=efficientnet-b0
 timm_row=()

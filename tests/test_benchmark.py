@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import signal
 import subprocess
 import sys
@@ -81,10 +83,49 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--mode", "data", "--profile-calls", "2"], "--profile-calls profiles model steps"),
     (["--compare", "demo+compile_mode=reduce-overhead"],
      "row 'demo+compile_mode=reduce-overhead': --compile-mode reduce-overhead needs --compile true"),
+    (["--results-file", "figures.txt"], "--results-file must end in .json or .csv, got 'figures.txt'"),
 ])
 def test_bad_options_exit_2_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_benchmark.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_results_file_holds_the_printed_figures_and_how_they_were_measured(tmp_path, capsys) -> None:
+    """--results-file: JSON with the environment and every row, CSV a line per row; both carry
+    the figures the table printed."""
+    argv = ["--compare", TINY_ROW, TINY_ROW + "+proxy_norm=false", "--batch-size", "2", "--warmup-steps", "0",
+            "--timed-steps", "1", "--rounds", "2", "--num-classes", "10"]
+    assert run_benchmark.main([*argv, "--results-file", str(tmp_path / "out" / "figures.json")]) == 0
+    table = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| demo@32")]
+    document = json.loads((tmp_path / "out" / "figures.json").read_text())
+    rows, machine = document["rows"], document["environment"]
+    assert [row["row"] for row in rows] == [TINY_ROW, TINY_ROW + "+proxy_norm=false"]
+    for row, printed in zip(rows, table):
+        assert f"{row['images_per_s']:.1f}" == printed[5].strip() and f"{row['ratio']:.2f}x" == printed[6].strip()
+        assert printed[7].strip() == f"{row['ratio_lowest_round']:.2f}–{row['ratio_highest_round']:.2f}"
+        assert len(row["round_medians"]) == 2 and row["timed_steps"] == 2
+        assert row["percent_of_peak"] == pytest.approx(100 * row["gflops"] / machine["matmul_peak_gflops"]["fp32"])
+    assert rows[0]["ratio"] == 1.0
+    assert rows[1]["ratio"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
+    assert machine["batch_size"] == 2 and machine["rounds"] == 2 and machine["torch"] == torch.__version__
+    assert "--results-file" in machine["command"] and machine["device"] == "cpu"
+
+    assert run_benchmark.main([*argv, "--results-file", str(tmp_path / "figures.csv")]) == 0
+    with open(tmp_path / "figures.csv", newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    assert [line["row"] for line in lines] == [TINY_ROW, TINY_ROW + "+proxy_norm=false"]
+    assert all(line["batch_size"] == "2" and float(line["matmul_peak_gflops_fp32"]) > 0 for line in lines)
+    assert float(lines[0]["ratio"]) == 1.0 and len(lines[1]["round_medians_s"].split()) == 2
+
+
+def test_an_unwritable_results_file_is_refused_before_measuring(tmp_path, capsys) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be")
+    code = run_benchmark.main(["--compare", TINY_ROW, "--results-file", str(blocker / "figures.json")])
+    captured = capsys.readouterr()
+    assert code == 2 and f"cannot write {blocker / 'figures.json'}" in captured.err
+    assert "(check --results-file)" in captured.err and "matmul peak" not in captured.out  # nothing measured
+    assert blocker.read_text() == "a file where a folder should be"
 
 
 def test_round_ratio_range_compares_each_rounds_medians_with_the_same_rounds() -> None:
