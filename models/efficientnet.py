@@ -34,12 +34,14 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
     """
     groups = conv.groups
     out_channels, in_per_group = conv.weight.shape[:2]
-    kernel_taps = math.prod(conv.kernel_size)
-    weight = conv.weight * _per_weight(conv, scale).view(out_channels, in_per_group, 1, 1)
+    # the weights by group, G × C_out/G × C_in/G × kh × kw (a view in any memory format), so that a
+    # per-input-channel value broadcasts over them as G × 1 × C_in/G × 1 × 1: no copy of it per output channel
+    by_group = conv.weight.unflatten(0, (groups, out_channels // groups))
+    per_input = (groups, 1, in_per_group, 1, 1)
+    weight = (by_group * scale.to(conv.weight.dtype).view(per_input)).flatten(0, 1)
     _, no_autocast = full_precision(conv.weight)  # small products: autocast's bf16 would only slow them
-    with no_autocast:
-        taps = torch.bmm(_per_weight(conv, shift).unsqueeze(1),
-                         conv.weight.reshape(out_channels, in_per_group, kernel_taps)).squeeze(1)  # C_out × taps
+    with no_autocast:  # each tap's response to the shift, C_out × taps
+        taps = (by_group * shift.to(conv.weight.dtype).view(per_input)).sum(2).reshape(out_channels, -1)
     interior = taps.sum(1)
     bias = interior if conv.bias is None else conv.bias + interior
     out = F.conv2d(x, weight, bias.to(weight.dtype), conv.stride, conv.padding, conv.dilation, groups)
@@ -57,14 +59,6 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
         return out + correction
     whole = None in borders or share > BORDER_SHARE_FOR_STRIPS or out.device.type != "cpu"
     return AddAtBorder.apply(out, correction, *((None, None) if whole else borders))
-
-
-def _per_weight(conv: nn.Conv2d, value: torch.Tensor) -> torch.Tensor:
-    """A per-input-channel value as each output channel's weights see it (C_out × C_in/groups),
-    in the weights' dtype."""
-    out_channels, in_per_group = conv.weight.shape[:2]
-    per_group = value.view(conv.groups, 1, in_per_group).expand(conv.groups, out_channels // conv.groups, in_per_group)
-    return per_group.reshape(out_channels, in_per_group).to(conv.weight.dtype)
 
 
 # Above this share of border positions, one in-place add over the whole output beats adding to the
