@@ -126,8 +126,8 @@ class AddAtBorder(torch.autograd.Function):
         ctx.correction_dtype = correction.dtype
         if _is_channels_last(out):  # a broadcast add in a layout unlike out's takes a slow path
             correction = correction.contiguous(memory_format=torch.channels_last)
-        for h, w in ctx.strips:
-            out[:, :, h, w] += correction[:, :, h, w]
+        for h, w in ctx.strips:  # add_ on the view: `+=` on an index would also copy the strip onto itself
+            out[:, :, h, w].add_(correction[:, :, h, w])
         ctx.mark_dirty(out)
         return out
 
@@ -228,16 +228,16 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def add_per_sample(x: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    """x + term for a term of shape N × C × 1 × 1.
+def subtract_per_sample(x: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """x − term for a term of shape N × C × 1 × 1.
 
-    On CPU, that broadcast add takes a slow path for bf16/fp16 channels_last tensors (3.5 ms
+    On CPU, that broadcast subtraction (as an add) takes a slow path for bf16/fp16 channels_last tensors (3.5 ms
     against 0.9 ms on B0's first block): there, the term is written out in x's layout first.
     """
     if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and _is_channels_last(x)
             and not torch.compiler.is_compiling()):
         term = term.expand_as(x).contiguous(memory_format=torch.channels_last)
-    return x + term
+    return x - term
 
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:
@@ -252,19 +252,20 @@ class SqueezeExcite(nn.Module):
 
     With Proxy Norm before it, the input arrives uncentred with its per-channel `mean` (μ̃) and
     `inv_std` (1/σ̃) owed: the gate is computed from the centred input, and the scale goes into the
-    gate, (x − μ̃)·gate/σ̃ = x·G − μ̃·G. `forward_split` returns the two terms apart: −μ̃·G is
-    constant over positions, so the block adds it after the 1×1 projection, to a smaller tensor.
+    gate, (x − μ̃)·gate/σ̃ = x·G − μ̃·G. `forward_split` returns the two terms apart: μ̃·G is
+    constant over positions, so the block subtracts it after the 1×1 projection, from a smaller tensor.
     """
 
     def __init__(self, channels: int, squeeze_channels: int) -> None:
         super().__init__()
         self.reduce = nn.Conv2d(channels, squeeze_channels, 1)
-        self.act = nn.SiLU(inplace=True)
+        # out of place: in place, autograd would copy the small tensor to keep it for the backward
+        self.act = nn.SiLU()
         self.expand = nn.Conv2d(squeeze_channels, channels, 1)
 
     def forward_split(self, x: torch.Tensor, mean: torch.Tensor | None = None,
                       inv_std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x·G, offset): the gated output is x·G + offset, offset (N × C × 1 × 1) None without μ̃."""
+        """(x·G, μ̃·G): the gated output is x·G − μ̃·G, μ̃·G (N × C × 1 × 1) None without μ̃."""
         pooled = spatial_mean(x)
         if mean is not None:
             mean = mean.to(x.dtype).view(1, -1, 1, 1)
@@ -272,12 +273,12 @@ class SqueezeExcite(nn.Module):
         gate = torch.sigmoid(self.expand(self.act(self.reduce(pooled))))
         if inv_std is not None:
             gate = gate * inv_std.to(gate.dtype).view(1, -1, 1, 1)
-        return x * gate, None if mean is None else -mean * gate
+        return x * gate, None if mean is None else mean * gate
 
     def forward(self, x: torch.Tensor, mean: torch.Tensor | None = None,
                 inv_std: torch.Tensor | None = None) -> torch.Tensor:
-        gated, offset = self.forward_split(x, mean, inv_std)
-        return gated if offset is None else gated + offset
+        gated, mean_term = self.forward_split(x, mean, inv_std)
+        return gated if mean_term is None else gated - mean_term
 
 
 class MBConv(nn.Module):
@@ -324,11 +325,12 @@ class MBConv(nn.Module):
             # fold rescales the conv's weights on every call, which pays at training batch sizes;
             # inference keeps the plain path
             hidden, pending = self.expand.forward_for_conv(hidden, table, pending, fold=self.training)
-        gated, offset = self.se.forward_split(*self.spatial.forward_split(hidden, table, pending))
+        gated, mean_term = self.se.forward_split(*self.spatial.forward_split(hidden, table, pending))
         projected = self.project.conv(gated)
-        if offset is not None:  # a 1×1 conv of a per-sample constant is one: add it after the conv
+        if mean_term is not None:  # a 1×1 conv of a per-sample constant is one: subtract it after the conv
             weight = self.project.conv.weight.flatten(1)  # as a matmul: N × C, not a conv launch
-            projected = add_per_sample(projected, F.linear(offset.flatten(1), weight).view(*offset.shape[:1], -1, 1, 1))
+            projected = subtract_per_sample(
+                projected, F.linear(mean_term.flatten(1), weight).view(*mean_term.shape[:1], -1, 1, 1))
         out = self.project.norm_act(projected, table)
         if self.has_residual:
             out = self.drop_path(out) + x

@@ -654,23 +654,23 @@ def test_batch_sum_matches_sum_over_the_batch(memory_format, dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_add_per_sample_matches_the_broadcast_add(memory_format, dtype) -> None:
-    """x + term for an N × C × 1 × 1 term (written out first for bf16 channels_last): values, the
-    gradients (term: the sum over positions), and the layout of the result, against fp64."""
-    from models.efficientnet import add_per_sample
+def test_subtract_per_sample_matches_the_broadcast_subtraction(memory_format, dtype) -> None:
+    """x − term for an N × C × 1 × 1 term (written out first for bf16 channels_last): values, the
+    gradients (term: minus the sum over positions), and the layout of the result, against fp64."""
+    from models.efficientnet import subtract_per_sample
 
     torch.manual_seed(0)
     x = torch.randn(3, 5, 4, 6, dtype=torch.float64)
     term = torch.randn(3, 5, 1, 1, dtype=torch.float64)
     inputs = [x.to(dtype).contiguous(memory_format=memory_format).requires_grad_(), term.to(dtype).requires_grad_()]
-    out = add_per_sample(*inputs)
+    out = subtract_per_sample(*inputs)
     tolerance = dict(rtol=1e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.double(), x + term, **tolerance)
+    torch.testing.assert_close(out.double(), x - term, **tolerance)
     assert out.is_contiguous(memory_format=memory_format)
     weights = torch.randn_like(x)
     grad_x, grad_term = torch.autograd.grad((out.double() * weights).sum(), inputs)
     torch.testing.assert_close(grad_x.double(), weights, **tolerance)
-    torch.testing.assert_close(grad_term.double(), weights.sum((2, 3), keepdim=True), **tolerance)
+    torch.testing.assert_close(grad_term.double(), -weights.sum((2, 3), keepdim=True), **tolerance)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
