@@ -384,7 +384,7 @@ def environment(args: BenchmarkConfig, arguments: list[str], device: torch.devic
 
 def write_results(args: BenchmarkConfig, machine: dict, results: list[dict]) -> None:
     """--results-file: JSON holds the environment and the rows; CSV a line per row, the
-    environment's fields repeated on each (one file can then collect several runs' rows)."""
+    environment's fields repeated on each, so that rows from several runs stay attributable once combined."""
     if not args.results_file:
         return
     path = Path(args.results_file)
