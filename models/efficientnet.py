@@ -61,6 +61,13 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
     return AddAtBorder.apply(out, correction, *((None, None) if whole else borders))
 
 
+# Below this many elements in a layer's output, its Proxy Norm is applied where it sits instead of
+# folded into the next conv. A fold costs a fixed set of small ops on the weights (about 0.3-1 ms a
+# layer on a 2-core CPU), applying it elementwise passes that grow with the tensor: measured per
+# MBConv block, training, forward and backward, the crossover is near 1M elements in fp32 and bf16
+# (docs/benchmarks.md A.3). Small micro-batches (the paper's IPU configs used 4-20 images) gain most.
+FOLD_MIN_ELEMENTS = 1_000_000
+
 # Above this share of border positions, one in-place add over the whole output beats adding to the
 # border strips, which are narrow and strided (measured on CPU: 3×3 kernels at 56-112 px gain from
 # strips, 5×5 kernels and maps of 28 px or less lose). A GPU always adds to the whole output: the
@@ -192,14 +199,18 @@ class ConvNormAct(nn.Module):
     ) -> tuple[torch.Tensor, InputAffine | None]:
         """(a, affine) such that this layer's output is a·scale + shift, affine = (scale, shift).
 
-        With `fold` and a full Proxy Norm, its (φ(y) − μ̃)/σ̃ is left as an affine for the next conv
-        to fold into its weights (two elementwise passes fewer each way); otherwise affine is None.
+        With `fold` and a full Proxy Norm, on an output of at least FOLD_MIN_ELEMENTS, its
+        (φ(y) − μ̃)/σ̃ is left as an affine for the next conv to fold into its weights (two
+        elementwise passes fewer each way); otherwise it is applied here and affine is None.
         """
         norm_act = self.norm_act
-        if fold and isinstance(norm_act, ProxyNormAct) and not norm_act.centre_only:
-            activated, mean, inv_std = self.forward_split(x, table, input_affine)
-            return activated, norm_act.owed_affine(mean, inv_std)
-        return self(x, table, input_affine), None
+        if not (fold and isinstance(norm_act, ProxyNormAct) and not norm_act.centre_only):
+            return self(x, table, input_affine), None
+        z = self.apply_conv(x, input_affine)
+        if z.numel() < FOLD_MIN_ELEMENTS:
+            return norm_act(z, table), None
+        activated, mean, inv_std = norm_act.forward_split(z, table)
+        return activated, norm_act.owed_affine(mean, inv_std)
 
 
 class SpatialMean(torch.autograd.Function):
@@ -321,9 +332,9 @@ class MBConv(nn.Module):
             x, input_affine = apply_affine(x, *input_affine), None
         hidden, pending = x, input_affine
         if isinstance(self.expand, ConvNormAct):
-            # in training, the expansion's Proxy Norm goes into the spatial conv. Training only: the
-            # fold rescales the conv's weights on every call, which pays at training batch sizes;
-            # inference keeps the plain path
+            # in training, the expansion's Proxy Norm goes into the spatial conv where its output is
+            # large (FOLD_MIN_ELEMENTS). Training only: the fold rescales the conv's weights on every
+            # call, which pays at training batch sizes; inference keeps the plain path
             hidden, pending = self.expand.forward_for_conv(hidden, table, pending, fold=self.training)
         gated, mean_term = self.se.forward_split(*self.spatial.forward_split(hidden, table, pending))
         projected = self.project.conv(gated)

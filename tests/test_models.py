@@ -15,6 +15,7 @@ from scipy import integrate, special, stats
 from models import FAMILY, VARIANTS, EfficientNet, count_parameters, create_model, is_proxy_parameter, list_models
 from models.analysis import collapse_profile
 from models.config import NormConfig, round_channels, spatial_conv_groups
+from models.efficientnet import ConvNormAct
 from models.flops import count_macs
 from models.proxy_norm import ProxyNormAct, proxy_moments, proxy_quantiles, proxy_table
 
@@ -414,10 +415,11 @@ def assert_compiled_model_matches_eager(device: str, batch_size: int) -> None:
         torch.testing.assert_close(param.grad, eager_grads[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_spatial_proxy_norm_folded_into_se_matches_reference_formula() -> None:
+def test_spatial_proxy_norm_folded_into_se_matches_reference_formula(monkeypatch: pytest.MonkeyPatch) -> None:
     """MBConv with LN+PN: (φ(y) − μ̃) feeds the SE, and the SE output is scaled by 1/σ̃; the block
     computes this with centring and scale folded into the gate multiply, and (in training) the
     expansion's Proxy Norm folded into the spatial conv's weights and a bias map."""
+    monkeypatch.setattr("models.efficientnet.FOLD_MIN_ELEMENTS", 0)  # fold whatever the size
     torch.manual_seed(0)
     model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).double().eval()
     block = next(b for stage in model.blocks for b in stage
@@ -550,10 +552,15 @@ def _reference_model_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.T
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_model_with_folded_proxy_norm_matches_layer_by_layer_formula(training: bool) -> None:
+@pytest.mark.parametrize("fold_min_elements", [0, None, 3_000])
+def test_model_with_folded_proxy_norm_matches_layer_by_layer_formula(training: bool, fold_min_elements,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The model's forward (moments batched over all layers; in training, the stem's and the
     expansions' Proxy Norms folded into the next conv; the head's centring applied after pooling)
-    gives the values and gradients of the plain layer-by-layer formula."""
+    gives the values and gradients of the plain layer-by-layer formula: with every layer folded
+    (0), with the default threshold (None: at this size none is), and with some folded and some not."""
+    if fold_min_elements is not None:
+        monkeypatch.setattr("models.efficientnet.FOLD_MIN_ELEMENTS", fold_min_elements)
     torch.manual_seed(0)
     model = create_model("efficientnet-b1", **VARIANTS["g16-lnpn"], **TINY).double().train(training)
     with torch.no_grad():
@@ -571,6 +578,38 @@ def test_model_with_folded_proxy_norm_matches_layer_by_layer_formula(training: b
         torch.testing.assert_close(got, expected, msg=name)
     features = model.forward_features(x)
     torch.testing.assert_close(model.classifier(features.mean((2, 3))), reference)
+
+
+def test_proxy_norm_is_folded_exactly_where_the_output_reaches_the_threshold(monkeypatch) -> None:
+    """In training, a layer's Proxy Norm goes into the next conv only where its output has at least
+    FOLD_MIN_ELEMENTS elements (the fold's fixed cost pays off only on large tensors); elsewhere the
+    layer applies it itself and hands on no affine."""
+    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).train()
+    layers = [model.stem] + [b.expand for stage in model.blocks for b in stage if isinstance(b.expand, ConvNormAct)]
+    x = torch.randn(2, 3, 64, 64)
+    sizes, affines = {}, {}
+    for layer in layers:
+        layer.conv.register_forward_hook(lambda conv, args, out, layer=layer: sizes.__setitem__(layer, out.numel()))
+    original = ConvNormAct.forward_for_conv
+
+    def recording(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        affines[self] = result[1]
+        return result
+
+    monkeypatch.setattr(ConvNormAct, "forward_for_conv", recording)
+
+    def folded(threshold: int) -> list[bool]:
+        monkeypatch.setattr("models.efficientnet.FOLD_MIN_ELEMENTS", threshold)
+        affines.clear()
+        model(x)
+        return [affines[layer] is not None for layer in layers]
+
+    assert all(folded(0)) and not any(folded(10**9))
+    distinct = sorted({sizes[layer] for layer in layers})
+    assert len(distinct) > 2
+    threshold = distinct[len(distinct) // 2]
+    assert folded(threshold) == [sizes[layer] >= threshold for layer in layers]
 
 
 def _has_interior(size: int, kernel: int, stride: int) -> bool:
@@ -684,14 +723,18 @@ def test_spatial_mean_matches_mean_and_keeps_the_layout(memory_format) -> None:
     assert grad.is_contiguous(memory_format=memory_format)
 
 
-@pytest.mark.parametrize("variant", ["g16-lnpn", "g16-gn"])
-def test_grad_checkpointing_gives_the_same_gradients_with_less_memory(variant: str) -> None:
+@pytest.mark.parametrize("variant, fold_min_elements", [("g16-lnpn", 0), ("g16-lnpn", 10**9), ("g16-gn", 0)])
+def test_grad_checkpointing_gives_the_same_gradients_with_less_memory(variant: str, fold_min_elements: int,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks recomputed in backward: the same loss and gradients (drop-path masks included, the
-    RNG state is replayed), and less memory held during the step."""
+    RNG state is replayed), and less memory held during the step; with Proxy Norm, with every
+    layer's folded into the next conv (as at training sizes) and with none."""
     from training.measure import peak_memory_bytes
 
+    monkeypatch.setattr("models.efficientnet.FOLD_MIN_ELEMENTS", fold_min_elements)
     model = create_model("efficientnet-b0", **VARIANTS[variant], **dict(TINY, stochastic_depth=0.5)).train()
-    x, y = torch.randn(4, 3, 64, 64), torch.randint(10, (4,))
+    # 96 px: large enough that the blocks' activations, not the stem's, make the peak
+    x, y = torch.randn(4, 3, 96, 96), torch.randint(10, (4,))
 
     def step() -> tuple[float, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
