@@ -9,8 +9,9 @@
 --what function: ProxyNormAct with the fused recomputing autograd Function against the same
                  formula in plain autograd ops. (Since the folds, a training step only uses the
                  Function where no fold applies; docs/benchmarks.md B.5 was measured before them.)
---what fold:     MBConv with Proxy Norm folded into the SE gate and the spatial conv, against the
-                 unfolded block (each norm layer applying its own Proxy Norm).
+--what fold:     MBConv as the model runs it (Proxy Norm folded into the SE gate, and into the
+                 spatial conv where the expanded tensor has at least FOLD_MIN_ELEMENTS), against
+                 the unfolded block (each norm layer applying its own Proxy Norm).
 --what parts:    where Proxy Norm's cost is: LN, LN+PN, and LN+PN with one part taken away at a
                  time (the moments' gradient, the SE's Proxy Norm terms, the folds). The first two
                  take away maths and are for timing only.
