@@ -371,9 +371,11 @@ def git_commit() -> str | None:
 
 
 def environment(args: BenchmarkConfig, arguments: list[str], device: torch.device, retained: bool) -> dict:
-    """What a figure needs beside it to be reproduced: when, where, with what, and how measured."""
+    """What a figure needs beside it to be reproduced: when, where, with what, and how measured.
+    The commit (two git calls) is looked up only when a results file will hold it."""
     return dict(
-        date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=shlex.join(["python", "run_benchmark.py", *arguments]), commit=git_commit(),
+        date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=shlex.join(["python", "run_benchmark.py", *arguments]),
+        commit=git_commit() if args.results_file else None,
         processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
         python=platform.python_version(), torch=torch.__version__, device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -437,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     retained = args.retain_host_memory and retain_freed_memory()
     machine = environment(args, arguments, device, retained)
-    print(f"# {time.strftime('%Y-%m-%d')} | {machine['processor']} | "
+    print(f"# {machine['date'][:10]} | {machine['processor']} | "
           f"{machine['threads']} threads | torch {machine['torch']} | device {device}"
           + (f" ({machine['device_name']})" if device.type == "cuda" else "")
           + f" | host memory {'retained' if retained else 'returned to the OS'}")

@@ -109,6 +109,8 @@ def test_results_file_holds_the_printed_figures_and_how_they_were_measured(tmp_p
     assert rows[1]["ratio"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
     assert machine["batch_size"] == 2 and machine["rounds"] == 2 and machine["torch"] == torch.__version__
     assert "--results-file" in machine["command"] and machine["device"] == "cpu"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert head and machine["commit"].split("+")[0] == head
 
     assert run_benchmark.main([*argv, "--results-file", str(tmp_path / "figures.csv")]) == 0
     with open(tmp_path / "figures.csv", newline="") as handle:
