@@ -81,7 +81,7 @@ class BenchmarkConfig:
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     num_classes: int = 1000  # classifier size of the benchmarked models
     # data mode
-    data_path: str | None = None  # class folders of JPEGs; None: generate ImageNet-like JPEGs
+    data_path: str | None = None  # an ImageNet-style folder (its train/ is read) or a folder of class folders; None: generate ImageNet-like JPEGs
     jpegs: int = 64  # images to generate when no --data-path
     resolution: int = 160  # training crop for the data mode
     workers: int = 1  # DataLoader workers for the data mode
@@ -326,11 +326,19 @@ def make_jpegs(folder: Path, count: int) -> Path:
     return folder
 
 
+def loader_root(data_path: str) -> Path:
+    """The class folders --mode data reads: DIR/train for an ImageNet-style DIR, else DIR itself."""
+    root = Path(data_path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-path {data_path}: folder not found")
+    return root / "train" if (root / "train").is_dir() else root
+
+
 def benchmark_loader(args: BenchmarkConfig) -> dict:
     from datasets import ImageFolderDataset, SeededSampler, make_loader, train_transform
 
     with tempfile.TemporaryDirectory(prefix="jpegs-") as scratch:
-        root = Path(args.data_path) / "train" if args.data_path else make_jpegs(Path(scratch), args.jpegs) / "train"
+        root = loader_root(args.data_path) if args.data_path else make_jpegs(Path(scratch), args.jpegs) / "train"
         dataset = ImageFolderDataset(root, train_transform(args.resolution),
                                      draft_short_side=args.resolution if args.draft else None)
         loader = make_loader(dataset, args.batch_size, SeededSampler(len(dataset), 0), args.workers)
@@ -370,13 +378,25 @@ def git_commit() -> str | None:
     return commit + ("+changes" if changed else "")
 
 
+def processor_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, where `platform.processor()` only gives
+    the architecture), else what `platform` reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(args: BenchmarkConfig, arguments: list[str], device: torch.device, retained: bool) -> dict:
     """What a figure needs beside it to be reproduced: when, where, with what, and how measured.
     The commit (two git calls) is looked up only when a results file will hold it."""
     return dict(
         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=shlex.join(["python", "run_benchmark.py", *arguments]),
         commit=git_commit() if args.results_file else None,
-        processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+        processor=processor_name(), threads=torch.get_num_threads(),
         python=platform.python_version(), torch=torch.__version__, device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         host_memory_retained=bool(retained), mode=args.mode, batch_size=args.batch_size,
@@ -422,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--profile-calls profiles model steps: use it with --mode train or inference")
         if args.mode == "data" and (args.workers < 0 or args.jpegs < 1 or args.resolution < 1):
             raise ConfigError("--workers must be at least 0, --jpegs and --resolution at least 1")
+        if args.mode == "data" and args.data_path:
+            loader_root(args.data_path)
         if args.results_file:
             results_file = Path(args.results_file)
             if results_file.suffix not in TABLE_SUFFIXES:
@@ -432,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             check_row(row)
         device = pick_device(args.device, 0)
         tune_for_device(device)
-    except (ConfigError, ParallelError) as error:
+    except (ConfigError, DataError, ParallelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.threads:

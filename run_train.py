@@ -25,7 +25,16 @@ from torch import nn
 from tqdm import tqdm
 
 import parallel
-from datasets import DataError, SeededSampler, eval_resize_size, eval_transform, make_loader, train_transform
+from datasets import (
+    DataError,
+    SeededSampler,
+    check_classes,
+    data_root,
+    eval_resize_size,
+    eval_transform,
+    make_loader,
+    train_transform,
+)
 from models import create_model
 from training.averaging import make_average
 from training.checkpoint import (
@@ -59,7 +68,7 @@ from training.host_memory import retain_freed_memory
 from training.metrics import MetricsLog
 from training.mixing import BatchMixer
 from training.optim import LRSchedule, optimizer_from_config, parameter_groups
-from training.run_dir import RunLock, locate_run, write_config
+from training.run_dir import RunLock, locate_run, remove_if_empty, write_config
 
 
 class TrainingError(Exception):
@@ -107,6 +116,7 @@ class Progress:
 def main(argv: list[str] | None = None) -> int:
     ctx = None
     lock = None
+    created = None  # the run folder, when this process made it: removed again if a failure leaves it empty
     try:
         cfg = parse_args(argv, description=__doc__)
         check_config(cfg)
@@ -121,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         if state is not None:
             cfg = config_for_resume(cfg, state, state_path, ctx.print)
             check_before_work(cfg)
+        check_data_folder(cfg)  # the checkpoint's data folder when resuming: --data-path is not run control
         if ctx.is_main:
+            created = None if run_dir.exists() else run_dir
             lock = RunLock(run_dir)
             lock.acquire()
         return train(cfg, ctx, run_dir, state, state_path)
@@ -138,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if lock is not None:
             lock.release()
+        if created is not None:
+            remove_if_empty(created)
         if ctx is not None:
             ctx.close()
 
@@ -180,6 +194,15 @@ def check_before_work(cfg: TrainConfig) -> None:
     if cfg.fine_tune_epochs > 0:
         check_layer_name(model, cfg.fine_tune_first_trainable_layer)
     parallel.check_layout(cfg, model)
+
+
+def check_data_folder(cfg: TrainConfig) -> None:
+    """The data folder's splits and classes (no image is read): checked after the options, whose
+    errors are the ones to report first, and before the run folder is made, so that a wrong
+    --data-path leaves nothing behind."""
+    root = data_root(cfg.data, cfg.data_path)
+    if root is not None:
+        check_classes(root)
 
 
 def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | None, state_path: Path | None) -> int:

@@ -46,6 +46,20 @@ def check_classes(root: Path) -> list[str]:
     return train
 
 
+def data_root(kind: str, data_path: str | None) -> Path | None:
+    """The image folder that `--data kind` reads (None for generated data); unknown kinds and a
+    missing `--data-path` are refused."""
+    if kind == "generated":
+        return None
+    if kind == "demo":
+        return DEMO_ROOT
+    if kind == "imagenet":
+        if not data_path:
+            raise DataError("--data imagenet needs --data-path DIR (with train/ and validation/ or val/)")
+        return Path(data_path).expanduser()
+    raise DataError(f"unknown --data {kind!r}; choose from {', '.join(DATA_KINDS)}")
+
+
 def open_split(
     kind: str,
     split: str,
@@ -59,14 +73,7 @@ def open_split(
 ) -> torch.utils.data.Dataset:
     if kind == "generated":
         return GeneratedDataset(generated_size, resolution, num_classes, seed=0 if split == "train" else 1)
-    if kind == "demo":
-        root = DEMO_ROOT
-    elif kind == "imagenet":
-        if not data_path:
-            raise DataError("--data imagenet needs --data-path DIR (with train/ and validation/ or val/)")
-        root = Path(data_path).expanduser()
-    else:
-        raise DataError(f"unknown --data {kind!r}; choose from {', '.join(DATA_KINDS)}")
+    root = data_root(kind, data_path)
     classes = check_classes(root)
     dataset = ImageFolderDataset(split_folder(root, split), transform, classes, strict, draft_short_side)
     if split == "train":  # a class without training images would be learned as never occurring
@@ -124,6 +131,7 @@ __all__ = [
     "Skipped",
     "check_classes",
     "collate_skipping",
+    "data_root",
     "eval_resize_size",
     "eval_transform",
     "make_loader",

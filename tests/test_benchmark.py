@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--compare", "demo", "no-such-config"], "unknown config 'no-such-config'"),
     (["--compare", "demo", "demo+norm=group+norm_groups=7"], "the model of this config cannot be built: norm_groups=7"),
     (["--compare", "timm:no_such_net"], "timm has no model 'no_such_net'"),
-    (["--mode", "data", "--data-path", "/no/such/folder"], "data folder not found: /no/such/folder"),
+    (["--mode", "data", "--data-path", "/no/such/folder"], "--data-path /no/such/folder: folder not found"),
     (["--mode", "data", "--workers", "-1"], "--workers must be at least 0"),
     (["--device", "cuda:99"], "--device cuda:99: "),  # no CUDA device, or not that many
     (["--device", "tpu"], "--device 'tpu' is not a device"),
@@ -87,7 +88,30 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
 ])
 def test_bad_options_exit_2_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_benchmark.main(argv) == 2
-    assert message in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert message in captured.err and not captured.out  # refused before the header and any measuring
+
+
+@pytest.mark.parametrize("layout", ["imagenet", "class folders"])
+def test_data_mode_reads_every_image_of_the_folder(layout, tmp_path, capsys) -> None:
+    """--mode data on an ImageNet-style folder (its train/) or on class folders directly: one pass
+    over every image after a warm-up batch, the figures in the results file."""
+    from PIL import Image
+
+    root = tmp_path / "jpegs"
+    classes = root / "train" if layout == "imagenet" else root
+    for index in range(10):
+        folder = classes / f"class{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (50 + index, 40), (index * 20, 80, 160)).save(folder / f"{index}.jpg")
+    if layout == "imagenet":  # a validation split beside it is not read
+        (root / "validation" / "class0").mkdir(parents=True)
+    argv = ["--mode", "data", "--data-path", str(root), "--workers", "0", "--batch-size", "4", "--resolution", "32",
+            "--results-file", str(tmp_path / "loader.json")]
+    assert run_benchmark.main(argv) == 0
+    row = json.loads((tmp_path / "loader.json").read_text())["rows"][0]
+    assert row["images"] == 10 and row["resolution"] == 32 and row["images_per_s"] > 0
+    assert f"{row['images_per_s']:.1f} images/s" in capsys.readouterr().out
 
 
 def test_results_file_holds_the_printed_figures_and_how_they_were_measured(tmp_path, capsys) -> None:
@@ -109,6 +133,11 @@ def test_results_file_holds_the_printed_figures_and_how_they_were_measured(tmp_p
     assert rows[1]["ratio"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
     assert machine["batch_size"] == 2 and machine["rounds"] == 2 and machine["torch"] == torch.__version__
     assert "--results-file" in machine["command"] and machine["device"] == "cpu"
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+              if line.startswith("model name")]
+    if models:  # Linux: the CPU's model, not only its architecture ("x86_64")
+        assert machine["processor"] == models[0]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert head and machine["commit"].split("+")[0] == head
 

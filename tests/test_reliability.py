@@ -167,7 +167,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "checkpoint-000000009.pt"
     torch.save({"model": {}, "format_version": 1, "payload": _RunsCode(marker)}, evil)
-    with pytest.raises(CheckpointError, match="could run code"):
+    with pytest.raises(CheckpointError, match="could run code.*GLOBAL posix.system"):
         load_checkpoint(evil)
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps(_RunsCode(marker)))
@@ -176,6 +176,17 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
     result = run_cli("run_validate.py", "--checkpoint", str(evil))
     assert result.returncode == 2 and "could run code" in result.stderr
     assert not marker.exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_not_called_unsafe(tmp_path: Path) -> None:
+    """Text or random bytes fail the weights-only unpickler too, but hold no code: they are named
+    as not being a checkpoint, not as a refused one."""
+    for name, data in [("notes.pt", b"# some notes, not a checkpoint\n" * 20), ("noise.pt", bytes(range(256)) * 8)]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as error:
+            load_checkpoint(path)
+        assert "could run code" not in str(error.value) and str(path) in str(error.value)
 
 
 def test_config_yaml_cannot_run_code(tmp_path: Path) -> None:
@@ -265,12 +276,35 @@ def test_missing_empty_and_mismatched_folders_are_clear_errors(tmp_path: Path) -
     result = run_cli("run_train.py", "--data", "imagenet", "--data-path", str(tmp_path), "--output-dir",
                      str(tmp_path / "runs"))
     assert result.returncode == 2 and "no image files" in result.stderr and "Traceback" not in result.stderr
+    # found after the run folder was made: the empty folder is removed again
+    assert not any((tmp_path / "runs").iterdir())
     # one class with images, one without: refused for training (never learned), fine for validation
     for split in ("train", "validation"):
         Image.new("RGB", (40, 40)).save(tmp_path / split / "cat" / "a.jpg")
     with pytest.raises(DataError, match="1 class folder\\(s\\) under .*train hold no image files: dog"):
         open_split("imagenet", "train", lambda image: image, str(tmp_path))
     assert len(open_split("imagenet", "validation", lambda image: image, str(tmp_path))) == 1
+
+
+def test_resume_checks_the_checkpoints_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The data options are part of the saved config: a resumed run reads (and first checks) the
+    checkpoint's data folder, whatever the command line's --data says."""
+    data = tmp_path / "data"
+    for split in ("train", "validation"):
+        for label, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+            (data / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 36), colour).save(data / split / label / f"{i}.jpg")
+    base = ["--fine-tune-epochs", "0", "--run-name", "r"]
+    assert run_train.main(tiny_train_args(tmp_path / "runs", *base, "--data", "imagenet", "--data-path", str(data),
+                                          "--stop-after-steps", "1")) == 143
+    data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert run_train.main(tiny_train_args(tmp_path / "runs", *base, "--resume", "auto")) == 2  # --data demo here
+    assert f"data path not found: {data}" in capsys.readouterr().err
+    (tmp_path / "moved").rename(data)
+    assert run_train.main(tiny_train_args(tmp_path / "runs", *base, "--resume", "auto")) == 0
+    assert (tmp_path / "runs" / "r" / "final.json").is_file()
 
 
 # ---------------------------------------------------------------------------- bad options
@@ -288,6 +322,7 @@ def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path) ->
         (["--replicas", "3"], "world size 1 does not match --replicas 3"),
         (["--fine-tune-first-trainable-layer", "neck"], "--fine-tune-first-trainable-layer"),
     ]
+    cases.append(([], "data path not found"))  # with the options right, the data path's own error
     for args, needle in cases:
         result = run_cli("run_train.py", *missing, *args, "--output-dir", str(tmp_path / "runs"))
         lines = result.stderr.strip().splitlines()

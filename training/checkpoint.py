@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -64,15 +66,22 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a raw pickle gets torch's protocol warning before its refusal below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        # the weights-only unpickler names the global it refused (a function or class to be called)
+        refused = [line for line in lines if "GLOBAL" in line]
+        if refused:
             raise CheckpointError(
                 f"checkpoint {path} holds objects that could run code when unpickled; refused "
-                f"(only tensors and plain data are loaded): {text}"
+                f"(only tensors and plain data are loaded): {refused[0]}"
             ) from None
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {text}") from None
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; text, images, raw pickles are not
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or not a PyTorch checkpoint at all: "
+                                  f"torch.save writes a zip archive, and this file is not a complete one") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {lines[0]}") from None
     if not isinstance(state, dict) or "model" not in state or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a checkpoint written by this application")
     return state

@@ -129,6 +129,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def remove_if_empty(folder: Path) -> None:
+    """Remove a run folder that holds nothing (a run that failed before writing anything)."""
+    try:
+        folder.rmdir()  # refuses a folder that holds anything
+    except OSError:
+        pass
+
+
 def write_config(folder: Path, values: dict) -> None:
     text = yaml.safe_dump(values, sort_keys=False)
     atomic_write(folder / "config.yaml", lambda handle: handle.write(text.encode()))
