@@ -296,14 +296,15 @@ def profile_row(prepared: Prepared, result: dict, args: BenchmarkConfig, device:
         result["profile"] = profile_summary(prepared.step, device, args.profile_calls, args.profile_rows)
 
 
-def round_ratio_range(first: list[float], row: list[float]) -> tuple[float, float] | None:
-    """(lowest, highest) speed ratio of a row against the first row, each round's medians compared
-    with the same round's: the spread a shared machine's drift leaves on the ratio. None without
-    interleaved rounds."""
+def round_ratios(first: list[float], row: list[float]) -> tuple[float, float, float] | None:
+    """(lowest, median, highest) speed ratio of a row against the first row, each round's medians
+    compared with the same round's. The median is the ratio least moved by a shared machine's
+    drift (a slow spell slows both rows of its round); the range is the spread the drift leaves.
+    None without interleaved rounds."""
     if len(first) < 2 or len(first) != len(row):
         return None
     ratios = [a / b for a, b in zip(first, row)]
-    return min(ratios), max(ratios)
+    return min(ratios), statistics.median(ratios), max(ratios)
 
 
 # ---------------------------------------------------------------------------- host data loader
@@ -360,8 +361,8 @@ def add_ratios(results: list[dict], peaks: dict[str, float]) -> None:
     and its GFLOP/s as a share of the matmul peak of its precision."""
     for result in results:
         result["ratio"] = result["images_per_s"] / results[0]["images_per_s"]
-        lowest_highest = round_ratio_range(results[0]["round_medians"], result["round_medians"])
-        result["ratio_lowest_round"], result["ratio_highest_round"] = lowest_highest or (None, None)
+        per_round = round_ratios(results[0]["round_medians"], result["round_medians"]) or (None, None, None)
+        result["ratio_lowest_round"], result["ratio_median_round"], result["ratio_highest_round"] = per_round
         result["percent_of_peak"] = 100 * result["gflops"] / peaks[result["precision"]]
 
 
@@ -502,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         layout = ("NHWC" if result["channels_last"] else "NCHW") + (" compiled" if result["compile"] else "")
         if result["compile"] and result["compile_mode"] != "default":
             layout += f" ({result['compile_mode']})"
-        spread_cell = f" {result['ratio_lowest_round']:.2f}–{result['ratio_highest_round']:.2f} |" if spread else ""
+        spread_cell = (f" {result['ratio_median_round']:.2f} ({result['ratio_lowest_round']:.2f}–"
+                       f"{result['ratio_highest_round']:.2f}) |" if spread else "")
         memory = "n/a" if result["peak_mb_per_image"] is None else f"{result['peak_mb_per_image']:.1f}"
         print(f"| {result['row']:<44} | {result['resolution']} | {result['precision']} | {layout} | "
               f"{result['images_per_s']:.1f} | {result['ratio']:.2f}x |{spread_cell} "

@@ -61,9 +61,10 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     assert code == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("| demo@32")]
-    assert len(lines) == 2 and "| 1.00x | 1.00–1.00 |" in lines[0]  # the first row against itself, per round
-    low, high = (float(x) for x in lines[1].split("|")[7].split("–"))
-    assert 0 < low <= high and "per round" in out
+    assert len(lines) == 2 and "| 1.00x | 1.00 (1.00–1.00) |" in lines[0]  # the first row against itself, per round
+    median, spread = lines[1].split("|")[7].strip().rstrip(")").split(" (")
+    low, high = (float(x) for x in spread.split("–"))
+    assert 0 < low <= float(median) <= high and "per round" in out
     assert "2 interleaved rounds" in out and "host memory" in out
 
 
@@ -126,7 +127,8 @@ def test_results_file_holds_the_printed_figures_and_how_they_were_measured(tmp_p
     assert [row["row"] for row in rows] == [TINY_ROW, TINY_ROW + "+proxy_norm=false"]
     for row, printed in zip(rows, table):
         assert f"{row['images_per_s']:.1f}" == printed[5].strip() and f"{row['ratio']:.2f}x" == printed[6].strip()
-        assert printed[7].strip() == f"{row['ratio_lowest_round']:.2f}–{row['ratio_highest_round']:.2f}"
+        assert printed[7].strip() == (f"{row['ratio_median_round']:.2f} ({row['ratio_lowest_round']:.2f}–"
+                                      f"{row['ratio_highest_round']:.2f})")
         assert len(row["round_medians"]) == 2 and row["timed_steps"] == 2
         assert row["percent_of_peak"] == pytest.approx(100 * row["gflops"] / machine["matmul_peak_gflops"]["fp32"])
     assert rows[0]["ratio"] == 1.0
@@ -159,12 +161,12 @@ def test_an_unwritable_results_file_is_refused_before_measuring(tmp_path, capsys
     assert blocker.read_text() == "a file where a folder should be"
 
 
-def test_round_ratio_range_compares_each_rounds_medians_with_the_same_rounds() -> None:
-    # first row 1.0 s a step in both rounds; the second 0.5 s, then 0.8 s: 2.0x and 1.25x faster
-    assert run_benchmark.round_ratio_range([1.0, 1.0], [0.5, 0.8]) == (1.25, 2.0)
+def test_round_ratios_compare_each_rounds_medians_with_the_same_rounds() -> None:
+    # first row 1.0 s a step in each round; the second 0.5, 0.8, then 0.4 s: 2.0x, 1.25x, 2.5x faster
+    assert run_benchmark.round_ratios([1.0, 1.0, 1.0], [0.5, 0.8, 0.4]) == (1.25, 2.0, 2.5)
     # drift that slows both rows alike in round two leaves the per-round ratio unchanged
-    assert run_benchmark.round_ratio_range([1.0, 3.0], [0.5, 1.5]) == (2.0, 2.0)
-    assert run_benchmark.round_ratio_range([1.0], [0.5]) is None  # one round: no spread to show
+    assert run_benchmark.round_ratios([1.0, 3.0], [0.5, 1.5]) == (2.0, 2.0, 2.0)
+    assert run_benchmark.round_ratios([1.0], [0.5]) is None  # one round: no spread to show
 
 
 def test_compiled_rows_on_cpu_report_no_memory_or_operator_figure() -> None:
