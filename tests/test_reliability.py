@@ -321,6 +321,9 @@ def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path) ->
         (["--pipeline-splits", "stem.conv"], "--pipeline-splits"),
         (["--replicas", "3"], "world size 1 does not match --replicas 3"),
         (["--fine-tune-first-trainable-layer", "neck"], "--fine-tune-first-trainable-layer"),
+        # `..` would put the run in --output-dir's parent, among other runs' files
+        (["--run-name", ".."], "--run-name must be a folder name"),
+        (["--run-name", "a/b"], "--run-name must be a folder name"),
     ]
     cases.append(([], "data path not found"))  # with the options right, the data path's own error
     for args, needle in cases:

@@ -277,6 +277,10 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"{option(name)} must be positive, got {value}")
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile true")
+    if cfg.run_name is not None and (cfg.run_name in ("", ".", "..") or "/" in cfg.run_name or "\\" in cfg.run_name):
+        # a path would put the run outside --output-dir (`..` into its parent, beside other runs' files)
+        raise ConfigError(f"--run-name must be a folder name (no '/', not '.' or '..'), got {cfg.run_name!r}; "
+                          f"--output-dir says where run folders go")
     if cfg.lr_decay > 1:
         raise ConfigError(f"--lr-decay is a factor in (0, 1], got {cfg.lr_decay}")
     if not 0.0 < cfg.cutmix_lambda <= 1.0:
