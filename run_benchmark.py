@@ -435,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--mode must be train, inference or data, got {args.mode!r}")
         if args.batch_size < 1 or args.timed_steps < 1 or args.warmup_steps < 0 or args.rounds < 1:
             raise ConfigError("--batch-size, --timed-steps and --rounds must be at least 1, --warmup-steps at least 0")
-        if args.round_time_limit < 0:
-            raise ConfigError("--round-time-limit must not be negative")
+        if not args.round_time_limit >= 0:  # nan too
+            raise ConfigError(f"--round-time-limit must be a number of seconds, 0 or more, got {args.round_time_limit}")
         if args.profile_calls < 0 or args.profile_rows < 1:
             raise ConfigError("--profile-calls must not be negative, --profile-rows must be at least 1")
         if args.profile_calls and args.mode == "data":

@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import random
+import re
 import signal
 import sys
 import time
@@ -143,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        print(f"error: out of memory ({allocation_failed(error)}): lower --micro-batch-size (raise "
+              f"--gradient-accumulation to keep the global batch) or --resolution, or add --grad-checkpointing. "
+              f"Checkpoints already written are kept: continue with --resume auto.", file=sys.stderr)
+        return 1
     except StopRequested as stop:
         where = f"; checkpoint {stop.checkpoint}" if stop.checkpoint else ""
         print(f"stopped{where}. Continue with the same command and --resume auto.", file=sys.stderr)
@@ -154,6 +162,21 @@ def main(argv: list[str] | None = None) -> int:
             remove_if_empty(created)
         if ctx is not None:
             ctx.close()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's
+    RuntimeError (PyTorch raises a plain RuntimeError when host memory runs out)."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
+def allocation_failed(error: BaseException) -> str:
+    """What the allocator said it could not allocate (the size), else the error's type."""
+    found = re.search(r"tried to allocate (\d+) bytes", str(error))
+    if found:
+        return f"could not allocate {int(found.group(1)) / 2**30:.1f} GiB"
+    found = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]iB)", str(error))  # CUDA's wording
+    return f"could not allocate {found.group(1)}" if found else type(error).__name__
 
 
 def find_run(cfg: TrainConfig, ctx: parallel.Context) -> tuple[Path, dict | None, Path | None]:

@@ -213,6 +213,33 @@ def test_nonfinite_loss_stops_with_the_step_named(tmp_path: Path) -> None:
         assert all(torch.isfinite(t).all() for t in load_checkpoint(path)["model"].values() if t.is_floating_point())
 
 
+CPU_ALLOCATOR_ERROR = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 120000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("error, said", [
+    (RuntimeError(f"Caught RuntimeError in DataLoader worker process 0.\n{CPU_ALLOCATOR_ERROR}"), "111.8 GiB"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity"),
+     "20.00 GiB"),
+    (MemoryError(), "MemoryError"),
+])
+def test_out_of_memory_is_one_clear_line_not_a_traceback(tmp_path: Path, monkeypatch, capsys, error, said) -> None:
+    """Running out of memory (a too large --micro-batch-size or --resolution) says what to lower and
+    that checkpoints are kept; any other RuntimeError is still raised as the bug it is."""
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(run_train, "train", fail)
+    assert run_train.main(tiny_train_args(tmp_path / "runs", "--run-name", "oom")) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"error: out of memory (could not allocate {said})" if said != "MemoryError"
+                              else "error: out of memory (MemoryError)")
+    assert "--micro-batch-size" in message and "--resume auto" in message
+    monkeypatch.setattr(run_train, "train", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_train.main(tiny_train_args(tmp_path / "runs", "--run-name", "bug"))
+
+
 def test_skip_nonfinite_steps_allows_a_few(tmp_path: Path) -> None:
     args = tiny_train_args(tmp_path, "--run-name", "skip", "--lr", "1e30", "--optimizer", "sgd", "--epochs", "3",
                            "--fine-tune-epochs", "0", "--max-steps-per-epoch", "2", "--skip-nonfinite-steps", "2")
@@ -324,6 +351,7 @@ def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path) ->
         # `..` would put the run in --output-dir's parent, among other runs' files
         (["--run-name", ".."], "--run-name must be a folder name"),
         (["--run-name", "a/b"], "--run-name must be a folder name"),
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),  # nan passes every comparison
     ]
     cases.append(([], "data path not found"))  # with the options right, the data path's own error
     for args, needle in cases:

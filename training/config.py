@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -251,6 +252,10 @@ def _describe(annotation: object) -> str:
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse impossible settings before any work starts."""
+    for entry in dataclasses.fields(cfg):  # nan slips through every comparison below; inf through most
+        value = getattr(cfg, entry.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{option(entry.name)} must be a finite number, got {value}")
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise ConfigError(
