@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import run_train
-from conftest import run_cli
+from conftest import run_cli, tiny_train_args
 from models import create_model
 from training.checkpoint import list_checkpoints, load_checkpoint
 from training.config import (
@@ -479,3 +479,71 @@ def test_loaders_pin_host_memory_only_for_a_cuda_device() -> None:
     data = torch.utils.data.TensorDataset(torch.zeros(4, 3))
     for device, pinned in ((None, False), (torch.device("cpu"), False), (torch.device("cuda", 0), True)):
         assert make_loader(data, 2, SeededSampler(4, 0), 0, device=device).pin_memory is pinned
+
+
+# ---------------------------------------------------------------------------- experiment tracking
+
+
+class _FakeWandb:
+    """Stands in for the wandb module: records what the application sends it."""
+
+    def __init__(self, fail_on_log: bool = False) -> None:
+        self.init_kwargs: dict = {}
+        self.logged: list[tuple[dict, int | None]] = []
+        self.finished = 0
+        self.fail_on_log = fail_on_log
+
+    def Settings(self, **kwargs):  # noqa: N802 - wandb's name
+        return kwargs
+
+    def init(self, **kwargs):
+        self.init_kwargs = kwargs
+        return self
+
+    def log(self, values: dict, step: int | None = None) -> None:
+        if self.fail_on_log:
+            raise ConnectionError("tracking server unreachable")
+        self.logged.append((values, step))
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
+@pytest.mark.parametrize("api_key", [None, "k" * 40])
+def test_wandb_gets_every_record_offline_unless_a_key_is_set(tiny_args, tmp_path: Path, monkeypatch, api_key) -> None:
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    if api_key:
+        monkeypatch.setenv("WANDB_API_KEY", api_key)
+    else:
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert run_train.main(tiny_args("--run-name", "tracked", "--wandb", "--fine-tune-epochs", "0")) == 0
+    run_dir = tmp_path / "runs" / "tracked"
+    assert fake.init_kwargs["mode"] == ("online" if api_key else "offline")
+    assert fake.init_kwargs["dir"] == str(run_dir) and fake.init_kwargs["name"] == "tracked"
+    assert fake.init_kwargs["config"]["run_name"] == "tracked"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(fake.logged) == len(records) and fake.finished == 1
+    for (values, step), record in zip(fake.logged, records):  # the numbers of each record, at its step
+        assert step == record.get("step")
+        assert values == {k: v for k, v in record.items() if isinstance(v, (int, float))}
+    assert any("val_top1" in values for values, _ in fake.logged)
+
+
+def test_a_failing_tracker_never_stops_training(tiny_args, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", _FakeWandb(fail_on_log=True))
+    assert run_train.main(tiny_args("--run-name", "untracked", "--wandb", "--fine-tune-epochs", "0")) == 0
+    assert "wandb logging failed, continuing without it: tracking server unreachable" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "untracked" / "final.json").is_file()
+
+
+def test_real_wandb_writes_an_offline_run_without_the_network(tmp_path: Path) -> None:
+    """The installed wandb, not a stand-in: the calls match its API and offline mode needs no network."""
+    pytest.importorskip("wandb")
+    env = {"WANDB_API_KEY": "", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
+    result = run_cli("run_train.py", *tiny_train_args(tmp_path / "runs", "--run-name", "w", "--wandb",
+                                                      "--fine-tune-epochs", "0", "--epochs", "1"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "wandb could not start" not in result.stderr and "wandb logging failed" not in result.stderr
+    offline = list((tmp_path / "runs" / "w" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
