@@ -12,7 +12,6 @@ import gc
 import json
 import math
 import random
-import re
 import signal
 import sys
 import time
@@ -69,6 +68,7 @@ from training.host_memory import retain_freed_memory
 from training.metrics import MetricsLog
 from training.mixing import BatchMixer
 from training.optim import LRSchedule, optimizer_from_config, parameter_groups
+from training.out_of_memory import allocation_failed, is_out_of_memory
 from training.run_dir import RunLock, locate_run, remove_if_empty, write_config
 
 
@@ -162,21 +162,6 @@ def main(argv: list[str] | None = None) -> int:
             remove_if_empty(created)
         if ctx is not None:
             ctx.close()
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """A failed allocation: CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's
-    RuntimeError (PyTorch raises a plain RuntimeError when host memory runs out)."""
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
-
-
-def allocation_failed(error: BaseException) -> str:
-    """What the allocator said it could not allocate (the size), else the error's type."""
-    found = re.search(r"tried to allocate (\d+) bytes", str(error))
-    if found:
-        return f"could not allocate {int(found.group(1)) / 2**30:.1f} GiB"
-    found = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]iB)", str(error))  # CUDA's wording
-    return f"could not allocate {found.group(1)}" if found else type(error).__name__
 
 
 def find_run(cfg: TrainConfig, ctx: parallel.Context) -> tuple[Path, dict | None, Path | None]:

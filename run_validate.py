@@ -37,6 +37,7 @@ from training.data import open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
 from training.host_memory import retain_freed_memory
 from training.measure import inference_throughput, peak_memory_bytes
+from training.out_of_memory import allocation_failed, is_out_of_memory
 from training.results import check_writable, write_csv, write_json
 from training.trained import WEIGHTS, load_weights, model_from_weights
 
@@ -78,18 +79,34 @@ def main(argv: list[str] | None = None) -> int:
             check_writable(target, "--output-prefix / --plot")  # before the sweep, which a failed write at the end would lose
         rows = []
         for source in sources:
-            rows += sweep(source, args, resolutions)
+            sweep(source, args, resolutions, rows)
     except (ConfigError, CheckpointError, DataError, parallel.ParallelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        # the points measured so far are written: a sweep runs low to high, so they are the ones that fit
+        print(f"error: out of memory after {len(rows)} point(s) of the sweep ({allocation_failed(error)}): "
+              f"lower --batch-size or the largest resolution" + ("; the points measured are written below"
+                                                                  if rows else ""), file=sys.stderr)
+        if not rows:
+            return 1
+        write_sweep(rows, prefix, args.plot)
+        return 1
+    write_sweep(rows, prefix, args.plot)
+    return 0
+
+
+def write_sweep(rows: list[dict], prefix: Path, plot_path: str | None) -> None:
+    """The table on stdout, CSV and JSON at the prefix, and the plot when asked for."""
     mark_best_and_pareto(rows)
     print(format_table(rows))
     write_outputs(rows, prefix)
     print(f"wrote {prefix}.csv and {prefix}.json", file=sys.stderr)
-    if args.plot:
-        plot(rows, Path(args.plot))
-        print(f"wrote {args.plot}", file=sys.stderr)
-    return 0
+    if plot_path:
+        plot(rows, Path(plot_path))
+        print(f"wrote {plot_path}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- input
@@ -155,7 +172,9 @@ def find_sources(path: Path) -> list[Path]:
 # ---------------------------------------------------------------------------- the sweep
 
 
-def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None) -> list[dict]:
+def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, rows: list[dict]) -> None:
+    """Appends one row per test resolution of `source` to `rows` as each is measured, so that the
+    points done survive a failure at a later one."""
     cfg, state = load_weights(source, args.weights)
     overrides = {name: getattr(args, name) for name in ("data", "data_path", "workers", "precision", "channels_last",
                                                         "crop_pct") if getattr(args, name) is not None}
@@ -171,7 +190,6 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None) -> 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
     val_set = open_dataset(cfg, "validation", native_resolution(cfg), num_classes)
-    rows = []
     for resolution in resolutions or [native_resolution(cfg)]:
         started = time.perf_counter()
         set_preprocessing(val_set, resolution, eval_transform(resolution, cfg.crop_pct))
@@ -201,7 +219,6 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None) -> 
             seconds=time.perf_counter() - started,
         ))
     ctx.close()
-    return rows
 
 
 def _forward(model: nn.Module, batch: int, resolution: int, device, memory_format) -> None:

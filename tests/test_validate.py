@@ -168,3 +168,29 @@ def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path) -> None
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_out_of_memory_keeps_the_points_measured_before_it(trained_run: Path, tmp_path: Path, monkeypatch,
+                                                           capsys) -> None:
+    """A sweep that runs out of memory at a high resolution writes the points it measured, says what
+    to lower in one line, and exits 1."""
+    real = run_validate.inference_throughput
+
+    def fail_above_40(model, batch_size, resolution, *args, **kwargs):
+        if resolution > 40:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+        return real(model, batch_size, resolution, *args, **kwargs)
+
+    monkeypatch.setattr(run_validate, "inference_throughput", fail_above_40)
+    prefix = tmp_path / "sweep"
+    argv = ["--checkpoint", str(trained_run), "--resolutions", "24,32,48,64", "--output-prefix", str(prefix),
+            "--progress", "false", "--timed-batches", "1", "--warmup-batches", "0"]
+    assert run_validate.main(argv) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert error == ["error: out of memory after 2 point(s) of the sweep (could not allocate 64.0 GiB): lower "
+                     "--batch-size or the largest resolution; the points measured are written below"]
+    assert [row["resolution"] for row in _rows(prefix)] == [24, 32]
+    monkeypatch.setattr(run_validate, "inference_throughput", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):  # any other failure is not dressed up as a user error
+        run_validate.main(argv)
