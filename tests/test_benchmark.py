@@ -189,10 +189,16 @@ def test_compiled_rows_on_cpu_report_no_memory_or_operator_figure() -> None:
     assert len(calls) == 2
 
 
+def _default_sigint() -> None:
+    """In the child before exec: a shell's background job starts with SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler. Ctrl-C at a terminal is what the test is about."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_without_a_traceback() -> None:
     process = subprocess.Popen([sys.executable, "run_benchmark.py", "--compare", TINY_ROW, "--rounds", "100000",
                                 "--batch-size", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, preexec_fn=_default_sigint)
     for line in process.stdout:  # measuring has begun
         if line.startswith("# mode"):
             break
