@@ -59,7 +59,7 @@ class ValidateConfig:
     precision: str | None = None  # fp32 | bf16 | fp16
     channels_last: bool | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    output_prefix: str | None = None  # CSV/JSON path prefix; None: <run folder>/sweep-<time>
+    output_prefix: str | None = None  # CSV/JSON path prefix, or a folder for sweep-<time>.*; None: <run folder>/sweep-<time>
     plot: str | None = None  # PNG file: accuracy vs images/s and vs GMACs
     progress: bool = True  # progress bars
     retain_host_memory: bool = True  # keep freed host memory for reuse (see training/host_memory.py)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.retain_host_memory:
             retain_freed_memory()
         sources = find_sources(Path(args.checkpoint))
-        prefix = Path(args.output_prefix) if args.output_prefix else default_prefix(sources[0])
+        prefix = output_prefix(args.output_prefix, sources[0])
         for target in [Path(f"{prefix}.csv")] + ([Path(args.plot)] if args.plot else []):
             check_writable(target, "--output-prefix / --plot")  # before the sweep, which a failed write at the end would lose
         rows = []
@@ -267,8 +267,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def default_prefix(source: Path) -> Path:
-    folder = source if source.is_dir() else source.parent
+def output_prefix(given: str | None, source: Path) -> Path:
+    """Where the CSV/JSON go: `given` + .csv/.json; a folder (existing, or written with a trailing
+    '/') gets sweep-<time>.* inside it; None: the checkpoint's run folder."""
+    if given and not (given.endswith(("/", "\\")) or Path(given).expanduser().is_dir()):
+        return Path(given).expanduser()
+    folder = Path(given).expanduser() if given else (source if source.is_dir() else source.parent)
     return folder / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

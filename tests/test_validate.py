@@ -194,3 +194,19 @@ def test_out_of_memory_keeps_the_points_measured_before_it(trained_run: Path, tm
     monkeypatch.setattr(run_validate, "inference_throughput", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
     with pytest.raises(RuntimeError, match="bug"):  # any other failure is not dressed up as a user error
         run_validate.main(argv)
+
+
+def test_output_prefix_that_names_a_folder_puts_the_files_inside_it(tmp_path: Path, trained_run: Path) -> None:
+    """`--output-prefix out/` (or an existing folder) means "in that folder", not out.csv beside it."""
+    source = trained_run / "model.safetensors"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for given, folder in [(str(existing), existing), (f"{tmp_path / 'new'}/", tmp_path / "new")]:
+        prefix = run_validate.output_prefix(given, source)
+        assert prefix.parent == folder and prefix.name.startswith("sweep-")
+    assert run_validate.output_prefix(str(tmp_path / "mine"), source) == tmp_path / "mine"
+    assert run_validate.output_prefix(None, source).parent == trained_run
+    result = run_cli("run_validate.py", "--checkpoint", str(source), "--resolutions", "32", "--progress", "false",
+                     "--output-prefix", f"{tmp_path / 'made'}/")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "made").glob("sweep-*.csv"))) == 1 and not (tmp_path / "made.csv").exists()
