@@ -163,7 +163,7 @@ def check_row(row: Row):
 
 
 def build(row: Row, num_classes: int) -> tuple[torch.nn.Module, object]:
-    cfg = row.checked or check_row(row)  # checked once at start-up, before the matmul peak is measured
+    cfg = row.checked or check_row(row)  # a config row was checked at start-up; a timm row is looked up again
     if row.timm_model:
         import timm
 
@@ -360,8 +360,8 @@ def benchmark_loader(args: BenchmarkConfig) -> dict:
 
 
 def add_ratios(results: list[dict], peaks: dict[str, float]) -> None:
-    """Each row's speed against the first row's (overall, and its lowest and highest per round)
-    and its GFLOP/s as a share of the matmul peak of its precision."""
+    """Each row's speed against the first row's (overall, and per round: lowest, median and
+    highest) and its GFLOP/s as a share of the matmul peak of its precision."""
     for result in results:
         result["ratio"] = result["images_per_s"] / results[0]["images_per_s"]
         per_round = round_ratios(results[0]["round_medians"], result["round_medians"]) or (None, None, None)

@@ -90,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: out of memory after {len(rows)} point(s) of the sweep ({allocation_failed(error)}): "
               f"lower --batch-size or the largest resolution" + ("; the points measured are written below"
                                                                   if rows else ""), file=sys.stderr)
-        if not rows:
-            return 1
-        write_sweep(rows, prefix, args.plot)
+        if rows:
+            write_sweep(rows, prefix, args.plot)
         return 1
     write_sweep(rows, prefix, args.plot)
     return 0
