@@ -47,6 +47,7 @@ from datasets import DataError
 from models import create_model
 from models.flops import count_macs
 from parallel.context import ParallelError, pick_device, tune_for_device
+from training.checkpoint import WriteError
 from training.config import (
     ConfigError,
     TrainConfig,
@@ -408,23 +409,30 @@ def environment(args: BenchmarkConfig, arguments: list[str], device: torch.devic
     )
 
 
-def write_results(args: BenchmarkConfig, machine: dict, results: list[dict]) -> None:
+def write_results(args: BenchmarkConfig, machine: dict, results: list[dict]) -> int:
     """--results-file: JSON holds the environment and the rows; CSV a line per row, the
-    environment's fields repeated on each, so that rows from several runs stay attributable once combined."""
+    environment's fields repeated on each, so that rows from several runs stay attributable once combined.
+    Returns the exit code: 1 if the file could not be written (the printed table still holds the rows)."""
     if not args.results_file:
-        return
+        return 0
     path = Path(args.results_file)
-    if path.suffix == ".json":
-        write_json(dict(environment=machine, rows=results), path)
-    else:
-        flat = {key: value for key, value in machine.items() if not isinstance(value, dict)}
-        flat.update({f"matmul_peak_gflops_{name}": value for name, value in machine.get("matmul_peak_gflops", {}).items()})
-        lines = [{**{k: v for k, v in result.items() if k not in ("profile", "round_medians")},
-                  **({"round_medians_s": " ".join(f"{t:.6g}" for t in result["round_medians"])}
-                     if "round_medians" in result else {}), **flat}
-                 for result in results]
-        write_csv(lines, path)
+    try:
+        if path.suffix == ".json":
+            write_json(dict(environment=machine, rows=results), path)
+        else:
+            flat = {key: value for key, value in machine.items() if not isinstance(value, dict)}
+            flat.update({f"matmul_peak_gflops_{name}": value
+                         for name, value in machine.get("matmul_peak_gflops", {}).items()})
+            lines = [{**{k: v for k, v in result.items() if k not in ("profile", "round_medians")},
+                      **({"round_medians_s": " ".join(f"{t:.6g}" for t in result["round_medians"])}
+                         if "round_medians" in result else {}), **flat}
+                     for result in results]
+            write_csv(lines, path)
+    except WriteError as error:
+        print(f"error: {error}; the figures printed above are complete", file=sys.stderr)
+        return 1
     print(f"# wrote {path}", file=sys.stderr)
+    return 0
 
 
 # ---------------------------------------------------------------------------- main
@@ -477,8 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"{result['row']}: {result['images_per_s']:.1f} images/s, "
               f"{result['images_per_s_per_worker']:.1f} per worker, at {result['resolution']} px")
-        write_results(args, machine, [result])
-        return 0
+        return write_results(args, machine, [result])
 
     peaks = {"fp32": matmul_peak_gflops(device, torch.float32), "bf16": matmul_peak_gflops(device, torch.bfloat16)}
     peaks["fp16"] = matmul_peak_gflops(device, torch.float16) if device.type == "cuda" else peaks["bf16"]
@@ -518,8 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         if "profile" in result:
             print(f"\n## profile of {result['row']}: {result['profile']}")
-    write_results(args, machine, results)
-    return 0
+    return write_results(args, machine, results)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from models import create_model
 from training.averaging import make_average
 from training.checkpoint import (
     CheckpointError,
+    WriteError,
     atomic_write,
     checkpoint_name,
     export_safetensors,
@@ -65,7 +66,7 @@ from training.data import open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
 from training.finetune import check_layer_name, freeze_before, train_mode
 from training.host_memory import retain_freed_memory
-from training.metrics import MetricsLog
+from training.metrics import METRICS_FILES, MetricsLog
 from training.mixing import BatchMixer
 from training.optim import LRSchedule, optimizer_from_config, parameter_groups
 from training.out_of_memory import allocation_failed, is_out_of_memory
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except WriteError as error:
+        print(f"error: {error}. What was already written is kept (a checkpoint being replaced stays whole): "
+              f"make room, then continue with --resume auto.", file=sys.stderr)
         return 1
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
@@ -240,7 +245,9 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
         run_dir.mkdir(parents=True, exist_ok=True)
         if state is None:
             write_config(run_dir, to_dict(cfg))
-    log = MetricsLog(run_dir, to_dict(cfg), cfg.wandb, cfg.wandb_project) if ctx.is_main else None
+    # a fresh start empties what a failed start left; a resume drops what followed its checkpoint
+    keep_bytes = dict.fromkeys(METRICS_FILES, 0) if state is None else state.get("metrics_bytes")
+    log = MetricsLog(run_dir, to_dict(cfg), cfg.wandb, cfg.wandb_project, keep_bytes) if ctx.is_main else None
     ctx.print(f"run folder: {run_dir}")
     ctx.print(
         f"{cfg.model} g{cfg.group_size} e{cfg.expand_ratio} {cfg.norm}{'+pn' if cfg.proxy_norm else ''}: "
@@ -437,7 +444,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             stop_code = stop_requested(cfg, ctx, stopper, progress)
             periodic = cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0
             if (stop_code or periodic) and progress.micro_batch // accumulation < phase.steps_per_epoch:
-                path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, False, runner)
+                path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, False, runner, log)
                 if stop_code:
                     raise StopRequested(stop_code, path)
         bar.close()
@@ -467,7 +474,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             + (f", val top-1 {record['val_top1']:.2f} % top-5 {record['val_top5']:.2f} %" if "val_top1" in record else "")
             + (f", {record['skipped_images']} images skipped" if record["skipped_images"] else "")
         )
-        path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, True, runner)
+        path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, True, runner, log)
         stop_code = stop_requested(cfg, ctx, stopper, progress)
         if stop_code and not (last and phase.name == "fine_tune"):
             raise StopRequested(stop_code, path)
@@ -530,7 +537,7 @@ def mix(mixer: BatchMixer, images, labels, seed: int, replica: int, progress: Pr
 
 
 def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progress: Progress,
-                     epoch_end: bool, runner) -> Path | None:
+                     epoch_end: bool, runner, log: MetricsLog | None) -> Path | None:
     """Every rank joins in (pipeline stages merge their slices); rank 0 writes atomically."""
     state = dict(
         model=runner.full_state(model),
@@ -543,6 +550,7 @@ def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progr
         rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
         config=to_dict(cfg),
+        metrics_bytes=log.sizes() if log is not None else None,  # a resume cuts the metrics files back to these
     )
     path = None
     if ctx.is_main:

@@ -25,7 +25,7 @@ from torch import nn
 import parallel
 from datasets import DataError, SeededSampler, eval_transform, make_loader
 from models.flops import count_macs
-from training.checkpoint import CheckpointError, atomic_write, list_checkpoints
+from training.checkpoint import CheckpointError, WriteError, atomic_write, list_checkpoints
 from training.config import (
     MIN_RESOLUTION,
     ConfigError,
@@ -93,19 +93,24 @@ def main(argv: list[str] | None = None) -> int:
         if rows:
             write_sweep(rows, prefix, args.plot)
         return 1
-    write_sweep(rows, prefix, args.plot)
-    return 0
+    return write_sweep(rows, prefix, args.plot)
 
 
-def write_sweep(rows: list[dict], prefix: Path, plot_path: str | None) -> None:
-    """The table on stdout, CSV and JSON at the prefix, and the plot when asked for."""
+def write_sweep(rows: list[dict], prefix: Path, plot_path: str | None) -> int:
+    """The table on stdout, CSV and JSON at the prefix, and the plot when asked for; 1 if a file
+    could not be written (the table on stdout still holds every point)."""
     mark_best_and_pareto(rows)
     print(format_table(rows))
-    write_outputs(rows, prefix)
-    print(f"wrote {prefix}.csv and {prefix}.json", file=sys.stderr)
-    if plot_path:
-        plot(rows, Path(plot_path))
-        print(f"wrote {plot_path}", file=sys.stderr)
+    try:
+        write_outputs(rows, prefix)
+        print(f"wrote {prefix}.csv and {prefix}.json", file=sys.stderr)
+        if plot_path:
+            plot(rows, Path(plot_path))
+            print(f"wrote {plot_path}", file=sys.stderr)
+    except WriteError as error:
+        print(f"error: {error}; the table above holds every point measured", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------- input

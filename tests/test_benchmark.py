@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import run_benchmark
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from training.measure import device_busy_us, profile_summary
 
 TINY_ROW = "demo@32+fp32+nocl+width=0.25+depth=0.25"
@@ -160,6 +160,15 @@ def test_an_unwritable_results_file_is_refused_before_measuring(tmp_path, capsys
     assert code == 2 and f"cannot write {blocker / 'figures.json'}" in captured.err
     assert "(check --results-file)" in captured.err and "matmul peak" not in captured.out  # nothing measured
     assert blocker.read_text() == "a file where a folder should be"
+
+
+def test_a_full_disk_at_the_end_says_which_file_and_keeps_the_printed_figures(tmp_path) -> None:
+    path = tmp_path / "figures.json"  # a few kB: over the limit below, which the writability check passes
+    result = run_cli("run_benchmark.py", "--compare", TINY_ROW, "--batch-size", "2", "--warmup-steps", "0",
+                     "--timed-steps", "1", "--num-classes", "10", "--results-file", str(path), file_size_limit=512)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: could not write {path}: File too large; the figures printed above are complete" in result.stderr
+    assert f"| {TINY_ROW}" in result.stdout and not path.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_round_ratios_compare_each_rounds_medians_with_the_same_rounds() -> None:

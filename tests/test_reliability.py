@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import run_train
 from conftest import ROOT, run_cli, tiny_train_args
@@ -24,6 +25,7 @@ from datasets import DataError, ImageFolderDataset, check_classes, open_split
 from datasets.image_folder import Skipped, load_image
 from training.checkpoint import (
     CheckpointError,
+    WriteError,
     atomic_write,
     list_checkpoints,
     load_checkpoint,
@@ -108,12 +110,27 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match=f"could not write {path}: No space left on device"):
         save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_full_disk_during_training_is_one_line_and_resume_completes(tmp_path: Path) -> None:
+    """The real torch.save on a file system that refuses: torch reports it as a RuntimeError about a
+    zip position, with the OSError only in its context; the user gets the file and the reason."""
+    args = tiny_train_args(tmp_path, "--run-name", "full")
+    result = run_cli("run_train.py", *args, file_size_limit=64 * 1024)
+    run = tmp_path / "full"
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "--resume auto" in result.stderr
+    assert f"could not write {run / 'checkpoint-000000003-train-epoch0001.pt'}: File too large" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.csv", "metrics.jsonl"]  # no temp file
+    assert run_train.main([*args, "--resume", "auto"]) == 0
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[:2] for row in rows[1:]] == [["train", "1"], ["train", "2"]]  # the failed epoch once
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
@@ -181,12 +198,18 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
 def test_a_file_that_is_not_a_checkpoint_is_not_called_unsafe(tmp_path: Path) -> None:
     """Text or random bytes fail the weights-only unpickler too, but hold no code: they are named
     as not being a checkpoint, not as a refused one."""
-    for name, data in [("notes.pt", b"# some notes, not a checkpoint\n" * 20), ("noise.pt", bytes(range(256)) * 8)]:
+    files = [("notes.pt", b"# some notes, not a checkpoint\n" * 20), ("noise.pt", bytes(range(256)) * 8),
+             ("config.yaml", b"config: demo\nmodel: efficientnet-b0\n")]  # "c": a pickle's GLOBAL opcode
+    for name, data in files:
         path = tmp_path / name
         path.write_bytes(data)
         with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as error:
             load_checkpoint(path)
         assert "could run code" not in str(error.value) and str(path) in str(error.value)
+    weights = tmp_path / "model.safetensors"  # what a run exports, given to --resume
+    save_file({"w": torch.ones(2)}, weights)
+    with pytest.raises(CheckpointError, match="holds exported weights, not a training checkpoint"):
+        load_checkpoint(weights)
 
 
 def test_config_yaml_cannot_run_code(tmp_path: Path) -> None:

@@ -346,6 +346,28 @@ def test_resume_mid_epoch_is_bitwise_exact(tiny_args, tmp_path: Path) -> None:
         assert torch.equal(tensor, b["model"][name]), name
 
 
+def test_resume_replaces_the_metrics_of_steps_trained_again(tiny_args, tmp_path: Path) -> None:
+    """Records written after the checkpoint a run resumes from are dropped, not repeated."""
+    args = tiny_args("--half-res-training", "--run-name", "again")
+    assert run_train.main(args) == 0
+    run = tmp_path / "runs" / "again"
+
+    def records() -> list[tuple]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [tuple(map(json.loads(line).get, ("event", "phase", "epoch", "step", "weights"))) for line in lines]
+
+    straight, straight_rows = records(), (run / "metrics.csv").read_text().splitlines()
+    assert len(straight) == 5 and len(straight_rows) == 4  # 3 epochs, 2 validations; a header and 3 rows
+    first_epoch, *later = list_checkpoints(run)
+    assert "train-epoch0001" in first_epoch.name and later
+    for path in [*later, run / "final.json", run / "model.safetensors"]:
+        path.unlink()
+    assert run_train.main([*args, "--resume", "auto"]) == 0
+    assert records() == straight
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[:4] for row in rows] == [row.split(",")[:4] for row in straight_rows]
+
+
 def test_half_res_training_fine_tunes_head_at_test_resolution(tiny_args, tmp_path: Path) -> None:
     assert run_train.main(tiny_args("--half-res-training", "--run-name", "half")) == 0
     run = tmp_path / "runs" / "half"

@@ -196,6 +196,17 @@ def test_out_of_memory_keeps_the_points_measured_before_it(trained_run: Path, tm
         run_validate.main(argv)
 
 
+def test_a_full_disk_at_the_end_says_which_file_and_keeps_the_table(trained_run: Path, tmp_path: Path) -> None:
+    plot = tmp_path / "sweep.png"  # over 20 kB (above), the tables under 2 kB
+    result = run_cli("run_validate.py", "--checkpoint", str(trained_run / "model.safetensors"), "--resolutions", "24,32",
+                     "--progress", "false", "--output-prefix", str(tmp_path / "sweep"), "--plot", str(plot),
+                     file_size_limit=16 * 1024)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: could not write {plot}: File too large; the table above holds every point" in result.stderr
+    assert [row["resolution"] for row in _rows(tmp_path / "sweep")] == [24, 32] and not plot.exists()
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("model.safetensors")] == ["24", "32"]
+
+
 def test_output_prefix_that_names_a_folder_puts_the_files_inside_it(tmp_path: Path, trained_run: Path) -> None:
     """`--output-prefix out/` (or an existing folder) means "in that folder", not out.csv beside it."""
     source = trained_run / "model.safetensors"

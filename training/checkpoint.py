@@ -19,6 +19,7 @@ import torch
 FORMAT_VERSION = 1
 _UMASK = os.umask(0o022)  # read once (it can only be read by setting it), then restored
 os.umask(_UMASK)
+_REFUSED_GLOBAL = re.compile(r"GLOBAL [A-Za-z_][\w]*(?:\.[A-Za-z_<>][\w<>]*)+ (?:was not|whose)")  # module.qualname
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{9})(?:-(train|fine_tune)-epoch(\d{4}))?\.pt$")
 
 
@@ -26,11 +27,39 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used (missing, truncated, corrupt, unsafe or foreign)."""
 
 
+class WriteError(Exception):
+    """An output file that the file system refused (full disk, quota, read-only, permissions).
+
+    Raised instead of the writer's own error, which can be far from the cause: torch.save reports a
+    full disk as a RuntimeError about a zip position, with the OSError only in its context."""
+
+
+def os_error_behind(error: BaseException) -> OSError | None:
+    """The OSError that `error` is, or that caused it (its __cause__ / __context__ chain), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def write_failed(path: Path, error: OSError) -> WriteError:
+    reason = error.strerror or type(error).__name__
+    return WriteError(f"could not write {path}: {reason}")
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(file_object) on a temp file beside `path`, fsync, then rename over `path`."""
+    """Call write(file_object) on a temp file beside `path`, fsync, then rename over `path`.
+
+    A refusal by the file system (full disk, permissions) raises WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise write_failed(path, error) from error
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to their writer
         with os.fdopen(fd, "wb") as handle:
@@ -38,11 +67,14 @@ def atomic_write(path: Path, write) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        cause = os_error_behind(error) if isinstance(error, Exception) else None
+        if cause is not None:  # the file it would have replaced is untouched
+            raise write_failed(path, cause) from error
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -65,14 +97,18 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if path.suffix == ".safetensors":  # torch.load would misread it as a pickle
+        raise CheckpointError(f"{path} holds exported weights, not a training checkpoint (checkpoint-*.pt, "
+                              f"which also holds the optimizer and the run's progress)")
     try:
         with warnings.catch_warnings():  # a raw pickle gets torch's protocol warning before its refusal below
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        # the weights-only unpickler names the global it refused (a function or class to be called)
-        refused = [line for line in lines if "GLOBAL" in line]
+        # the weights-only unpickler names the global it refused (a function or class to be called);
+        # a text file starting with "c" reads as a GLOBAL opcode too, but its "name" is no Python name
+        refused = [line for line in lines if _REFUSED_GLOBAL.search(line)]
         if refused:
             raise CheckpointError(
                 f"checkpoint {path} holds objects that could run code when unpickled; refused "

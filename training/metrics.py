@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from .checkpoint import write_failed
+
+METRICS_FILES = ("metrics.jsonl", "metrics.csv")
 CSV_COLUMNS = [
     "phase", "epoch", "step", "resolution", "lr", "train_loss", "train_top1", "images_per_s", "skipped_images",
     "val_top1", "val_top5", "val_loss", "val_weights", "seconds",
@@ -15,30 +18,58 @@ CSV_COLUMNS = [
 
 
 class MetricsLog:
-    """Appends one record per event; every line is flushed so a killed run keeps its history."""
+    """Appends one record per event; every line is flushed so a killed run keeps its history.
 
-    def __init__(self, run_dir: Path, config: dict, use_wandb: bool = False, wandb_project: str = "") -> None:
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        csv_path = run_dir / "metrics.csv"
-        new_csv = not csv_path.exists() or csv_path.stat().st_size == 0
-        self.csv_file = open(csv_path, "a", newline="", buffering=1)
+    `keep_bytes` ({file name: size}, from the checkpoint a run resumes from, or zeros for a fresh
+    start) cuts each file back to what it held at that checkpoint: the records of steps that are
+    about to be trained again are dropped rather than repeated, as TensorBoard's purge_step does.
+    """
+
+    def __init__(self, run_dir: Path, config: dict, use_wandb: bool = False, wandb_project: str = "",
+                 keep_bytes: dict[str, int] | None = None) -> None:
+        self.jsonl_path, self.csv_path = (run_dir / name for name in METRICS_FILES)
+        for path in (self.jsonl_path, self.csv_path):
+            size = (keep_bytes or {}).get(path.name)
+            if size is not None and path.is_file() and path.stat().st_size > size:
+                try:
+                    os.truncate(path, size)
+                except OSError as error:
+                    raise write_failed(path, error) from error
+        new_csv = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+        self.jsonl = _open_for_append(self.jsonl_path)
+        self.csv_file = _open_for_append(self.csv_path)
         self.csv = csv.DictWriter(self.csv_file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         if new_csv:
-            self.csv.writeheader()
+            try:
+                self.csv.writeheader()
+            except OSError as error:
+                raise write_failed(self.csv_path, error) from error
         self.wandb = None
         if use_wandb:
             self.wandb = _start_wandb(run_dir, config, wandb_project)
 
     def log(self, record: dict) -> None:
-        self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+        """A full disk raises WriteError naming the file."""
+        try:
+            self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as error:
+            raise write_failed(self.jsonl_path, error) from error
         if record.get("event") == "epoch":
-            self.csv.writerow({key: _fmt(record.get(key)) for key in CSV_COLUMNS})
+            try:
+                self.csv.writerow({key: _fmt(record.get(key)) for key in CSV_COLUMNS})
+            except OSError as error:
+                raise write_failed(self.csv_path, error) from error
         if self.wandb is not None:
             try:
                 self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
             except Exception as error:  # noqa: BLE001 - tracking must never stop training
                 print(f"warning: wandb logging failed, continuing without it: {error}", file=sys.stderr)
                 self.wandb = None
+
+    def sizes(self) -> dict[str, int]:
+        """Each file's size now, for the checkpoint (lines are flushed as written)."""
+        return {self.jsonl_path.name: os.fstat(self.jsonl.fileno()).st_size,
+                self.csv_path.name: os.fstat(self.csv_file.fileno()).st_size}
 
     def close(self) -> None:
         self.jsonl.close()
@@ -48,6 +79,13 @@ class MetricsLog:
                 self.wandb.finish()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _open_for_append(path: Path):
+    try:
+        return open(path, "a", newline="", buffering=1)
+    except OSError as error:
+        raise write_failed(path, error) from error
 
 
 def _fmt(value: object) -> object:
