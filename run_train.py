@@ -233,6 +233,10 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
                                                                             ctx.replica_rank, ctx.replicas), cfg.workers,
                              device=device)
     train_set = open_dataset(cfg, "train", training_resolution(cfg))
+    # each phase's batch against the data, before anything is written (fine-tuning comes after hours of training)
+    steps_per_epoch(cfg, len(train_set), cfg.micro_batch_size, ctx)
+    if needs_fine_tune(cfg):
+        steps_per_epoch(cfg, len(train_set), fine_tune_micro_batch(cfg), ctx, "--fine-tune-batch-size")
 
     # ---- model: the same initial weights on every rank, then a different RNG stream per rank
     torch.manual_seed(cfg.seed)
@@ -328,12 +332,16 @@ def needs_fine_tune(cfg: TrainConfig) -> bool:
     return cfg.fine_tune_epochs > 0 and training_resolution(cfg) != native_resolution(cfg)
 
 
+def fine_tune_micro_batch(cfg: TrainConfig) -> int:
+    return cfg.fine_tune_batch_size or cfg.micro_batch_size
+
+
 def make_fine_tune_phase(cfg: TrainConfig, model: nn.Module, num_classes: int, train_size: int,
                          ctx: parallel.Context) -> Phase:
     """SGD without momentum, cosine LR, mixing off, layers before the named one frozen."""
     frozen = freeze_before(model, cfg.fine_tune_first_trainable_layer)
-    micro_batch = cfg.fine_tune_batch_size or cfg.micro_batch_size
-    steps = steps_per_epoch(cfg, train_size, micro_batch, ctx)
+    micro_batch = fine_tune_micro_batch(cfg)
+    steps = steps_per_epoch(cfg, train_size, micro_batch, ctx, "--fine-tune-batch-size")
     lr = cfg.fine_tune_lr_per_image * micro_batch * cfg.gradient_accumulation * ctx.replicas
     optimizer = torch.optim.SGD(parameter_groups(model, cfg.weight_decay, cfg.proxy_weight_decay), lr=lr, momentum=0.0)
     schedule = LRSchedule("cosine", steps, max(cfg.fine_tune_epochs * steps, 1))
@@ -590,13 +598,14 @@ def set_phase_preprocessing(train_set, cfg: TrainConfig, phase: Phase) -> None:
                           train_transform(phase.resolution, cfg.min_crop_area, cfg.hflip), phase.resolution)
 
 
-def steps_per_epoch(cfg: TrainConfig, dataset_length: int, micro_batch: int, ctx: parallel.Context) -> int:
+def steps_per_epoch(cfg: TrainConfig, dataset_length: int, micro_batch: int, ctx: parallel.Context,
+                    batch_option: str = "--micro-batch-size") -> int:
     per_rank = math.ceil(dataset_length / ctx.replicas)
     steps = per_rank // micro_batch // cfg.gradient_accumulation
     if steps < 1:
         raise ConfigError(
             f"the training set ({dataset_length} images over {ctx.replicas} replica(s)) is smaller than one global "
-            f"batch of {micro_batch * cfg.gradient_accumulation * ctx.replicas}; lower --micro-batch-size or "
+            f"batch of {micro_batch * cfg.gradient_accumulation * ctx.replicas}; lower {batch_option} or "
             f"--gradient-accumulation"
         )
     return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps

@@ -357,6 +357,18 @@ def test_resume_checks_the_checkpoints_data_folder(tmp_path: Path, capsys: pytes
     assert (tmp_path / "runs" / "r" / "final.json").is_file()
 
 
+@pytest.mark.parametrize("option", ["--micro-batch-size", "--fine-tune-batch-size"])
+def test_a_batch_larger_than_the_data_is_refused_before_training(tmp_path: Path, option: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Each phase's batch is checked against the training set before anything is written, the
+    fine-tuning one too, which would otherwise fail only after the whole training phase."""
+    args = tiny_train_args(tmp_path / "runs", "--half-res-training", "--run-name", "big", option, "4096")
+    assert run_train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "smaller than one global batch of 4096" in err and f"lower {option} " in err and "epoch" not in err
+    assert not (tmp_path / "runs" / "big").exists()  # no run folder left behind
+
+
 # ---------------------------------------------------------------------------- bad options
 
 
