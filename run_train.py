@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except WriteError as error:
-        print(f"error: {error}. What was already written is kept (a checkpoint being replaced stays whole): "
-              f"make room, then continue with --resume auto.", file=sys.stderr)
+        if ctx is None or ctx.is_main:  # under torchrun every rank stops with rank 0's reason: say it once
+            print(f"error: {error}. What was already written is kept (a checkpoint being replaced stays whole): "
+                  f"make room, then continue with --resume auto.", file=sys.stderr)
         return 1
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
@@ -560,13 +561,18 @@ def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progr
         config=to_dict(cfg),
         metrics_bytes=log.sizes() if log is not None else None,  # a resume cuts the metrics files back to these
     )
-    path = None
+    path, failed = None, [None]
     if ctx.is_main:
         name = checkpoint_name(progress.step, phase.name, progress.epoch) if epoch_end else checkpoint_name(progress.step)
         path = run_dir / name
-        save_checkpoint(path, state)
-        prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
-    ctx.barrier()
+        try:
+            save_checkpoint(path, state)
+            prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
+        except WriteError as error:
+            failed = [str(error)]
+    failed = ctx.broadcast_from_main(failed)  # a full disk stops every rank with rank 0's reason, not a lost peer
+    if failed[0] is not None:
+        raise WriteError(failed[0])
     return path
 
 

@@ -44,6 +44,8 @@ from training.trained import WEIGHTS, load_weights, model_from_weights
 
 @dataclass
 class ValidateConfig:
+    """What to sweep and how. Comments become --help text."""
+
     checkpoint: str = ""  # a checkpoint (.pt), exported weights (.safetensors), or a run folder
     resolutions: str | None = None  # comma-separated test resolutions, e.g. 160,192,224
     resolution_range: str | None = None  # START:STOP:STEP, STOP included, e.g. 128:320:32
@@ -54,10 +56,10 @@ class ValidateConfig:
     timed_batches: int = 10  # timed batches; the median is reported
     fine_tune_epochs: int = 0  # the paper's protocol: fine-tune the head at each resolution first
     data: str | None = None  # override the checkpoint's data settings
-    data_path: str | None = None
-    workers: int | None = None
-    precision: str | None = None  # fp32 | bf16 | fp16
-    channels_last: bool | None = None
+    data_path: str | None = None  # the folder with validation/ (or val/); None: the checkpoint's
+    workers: int | None = None  # data loader processes; None: the checkpoint's
+    precision: str | None = None  # fp32 | bf16 | fp16; None: the checkpoint's
+    channels_last: bool | None = None  # None: the checkpoint's
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_prefix: str | None = None  # CSV/JSON path prefix, or a folder for sweep-<time>.*; None: <run folder>/sweep-<time>
     plot: str | None = None  # PNG file: accuracy vs images/s and vs GMACs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -24,12 +25,14 @@ EXACT = ["--dropout", "0", "--stochastic-depth", "0", "--mixup-alpha", "0", "--c
          "--epoch-average-decay", "0", "--epochs", "1", "--max-steps-per-epoch", "3", "--validate-every", "0"]
 
 
-def torchrun(nproc: int, args: list[str], extra: list[str] | None = None, timeout: float = 600):
+def torchrun(nproc: int, args: list[str], extra: list[str] | None = None, timeout: float = 600,
+             file_size_limit: int | None = None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
          *(extra or []), str(ROOT / "run_train.py"), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+        preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit,) * 2)) if file_size_limit else None,
     )
 
 
@@ -159,6 +162,19 @@ def test_layout_errors_are_refused_before_work(runs: Path) -> None:
         result = run_cli("run_train.py", *tiny_train_args(runs, *args))
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_a_full_disk_stops_every_replica_with_rank_0s_reason(runs: Path) -> None:
+    """Only rank 0 writes: the others learn of its failed write from it, and stop with it, instead
+    of failing on a lost connection. (No loader processes: the file size limit would also refuse
+    their shared-memory files.)"""
+    args = tiny_train_args(runs, *EXACT, "--micro-batch-size", "4", "--replicas", "2", "--run-name", "full")
+    result = torchrun(2, args, file_size_limit=64 * 1024)
+    assert result.returncode == 1, result.stderr
+    log = result.stdout + result.stderr
+    assert log.count(f"error: could not write {runs / 'full' / 'checkpoint-000000003-train-epoch0001.pt'}") == 1
+    assert "Connection closed by peer" not in log and "[rank1]: Traceback" not in log, log
+    assert "exitcode: 1" in log and "exitcode: -" not in log  # both ranks exited 1, none was killed
 
 
 def _worker_pids(marker: str, local_rank: str) -> list[int]:
