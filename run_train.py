@@ -296,8 +296,10 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
         export_safetensors(model.state_dict(), run_dir / "model.safetensors",
                            {"config": json.dumps(to_dict(cfg)), "num_classes": str(num_classes)})
         summary = json.dumps(dict(final, step=progress.step, resolution=native), indent=2)
-        atomic_write(run_dir / "final.json", lambda handle: handle.write(summary.encode()))  # last: marks the run done
         log.close()
+        if log.failure is not None:  # the final validation's records: the run is not done until they are written
+            raise log.failure
+        atomic_write(run_dir / "final.json", lambda handle: handle.write(summary.encode()))  # last: marks the run done
     ctx.print(f"final: top-1 {final['top1']:.2f} %, top-5 {final['top5']:.2f} % at {native} px; weights: "
               f"{run_dir / 'model.safetensors'}")
     return 0
@@ -566,6 +568,8 @@ def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progr
         name = checkpoint_name(progress.step, phase.name, progress.epoch) if epoch_end else checkpoint_name(progress.step)
         path = run_dir / name
         try:
+            if log.failure is not None:  # the metrics files: the disk is full before the checkpoint is tried
+                raise log.failure
             save_checkpoint(path, state)
             prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
         except WriteError as error:

@@ -133,6 +133,20 @@ def test_full_disk_during_training_is_one_line_and_resume_completes(tmp_path: Pa
     assert [row.split(",")[:2] for row in rows[1:]] == [["train", "1"], ["train", "2"]]  # the failed epoch once
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_metrics_file_on_a_full_disk_stops_the_run_at_the_next_checkpoint(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A record that cannot be written is held and raised where every rank stops together: at the
+    next checkpoint, which is then not written."""
+    run = tmp_path / "runs" / "logfull"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+    assert run_train.main(tiny_train_args(tmp_path / "runs", "--run-name", "logfull", "--resume", "auto")) == 1
+    err = capsys.readouterr().err
+    assert f"error: could not write {run / 'metrics.jsonl'}: No space left on device" in err
+    assert "train epoch 1/2" in err and list_checkpoints(run) == []
+
+
 def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
     """Checkpoints, weights and sweeps are written through a temp file, created 0600; the result
     must have the mode any other new file gets (0666 less the umask), as `open` would give it."""

@@ -44,21 +44,27 @@ class MetricsLog:
                 self.csv.writeheader()
             except OSError as error:
                 raise write_failed(self.csv_path, error) from error
+        self.failure = None  # a WriteError, once a record could not be written
         self.wandb = None
         if use_wandb:
             self.wandb = _start_wandb(run_dir, config, wandb_project)
 
     def log(self, record: dict) -> None:
-        """A full disk raises WriteError naming the file."""
+        """A failed write (full disk) is kept in `failure`, naming the file, and later records are
+        not written: the caller raises it where every rank can stop together (the next checkpoint)."""
+        if self.failure is not None:
+            return
         try:
             self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
         except OSError as error:
-            raise write_failed(self.jsonl_path, error) from error
+            self.failure = write_failed(self.jsonl_path, error)
+            return
         if record.get("event") == "epoch":
             try:
                 self.csv.writerow({key: _fmt(record.get(key)) for key in CSV_COLUMNS})
             except OSError as error:
-                raise write_failed(self.csv_path, error) from error
+                self.failure = write_failed(self.csv_path, error)
+                return
         if self.wandb is not None:
             try:
                 self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
