@@ -568,7 +568,7 @@ def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progr
         name = checkpoint_name(progress.step, phase.name, progress.epoch) if epoch_end else checkpoint_name(progress.step)
         path = run_dir / name
         try:
-            if log.failure is not None:  # the metrics files: the disk is full before the checkpoint is tried
+            if log is not None and log.failure is not None:  # a metrics file: the disk is full already
                 raise log.failure
             save_checkpoint(path, state)
             prune_step_checkpoints(run_dir, cfg.keep_checkpoints)

@@ -543,6 +543,7 @@ def test_wandb_gets_every_record_offline_unless_a_key_is_set(tiny_args, tmp_path
     run_dir = tmp_path / "runs" / "tracked"
     assert fake.init_kwargs["mode"] == ("online" if api_key else "offline")
     assert fake.init_kwargs["dir"] == str(run_dir) and fake.init_kwargs["name"] == "tracked"
+    assert fake.init_kwargs["resume"] == "allow" and fake.init_kwargs["id"] == (run_dir / "wandb-id").read_text()
     assert fake.init_kwargs["config"]["run_name"] == "tracked"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(fake.logged) == len(records) and fake.finished == 1
@@ -550,6 +551,20 @@ def test_wandb_gets_every_record_offline_unless_a_key_is_set(tiny_args, tmp_path
         assert step == record.get("step")
         assert values == {k: v for k, v in record.items() if isinstance(v, (int, float))}
     assert any("val_top1" in values for values, _ in fake.logged)
+
+
+def test_a_resumed_run_continues_its_wandb_run(tiny_args, tmp_path: Path, monkeypatch) -> None:
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = tiny_args("--run-name", "resumed", "--wandb", "--fine-tune-epochs", "0")
+    assert run_train.main([*args, "--stop-after-steps", "3"]) == 143
+    first = dict(fake.init_kwargs)
+    assert run_train.main([*args, "--resume", "auto"]) == 0
+    assert fake.init_kwargs["id"] == first["id"] and fake.init_kwargs["resume"] == "allow"
+    other = _FakeWandb()  # another run gets its own W&B run
+    monkeypatch.setitem(sys.modules, "wandb", other)
+    assert run_train.main(tiny_args("--run-name", "other", "--wandb", "--fine-tune-epochs", "0", "--epochs", "1")) == 0
+    assert other.init_kwargs["id"] != first["id"] and len(first["id"]) == 16
 
 
 def test_a_failing_tracker_never_stops_training(tiny_args, tmp_path: Path, monkeypatch, capsys) -> None:

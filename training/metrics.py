@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 
-from .checkpoint import write_failed
+from .checkpoint import atomic_write, write_failed
 
 METRICS_FILES = ("metrics.jsonl", "metrics.csv")
 CSV_COLUMNS = [
@@ -108,7 +109,21 @@ def _start_wandb(run_dir: Path, config: dict, project: str):
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     try:
         return wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=run_dir.name,
-                          settings=wandb.Settings(silent=True))
+                          id=_wandb_run_id(run_dir), resume="allow", settings=wandb.Settings(silent=True))
     except Exception as error:  # noqa: BLE001
         print(f"warning: wandb could not start ({error}); not tracking", file=sys.stderr)
         return None
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """One W&B run per training run, resumes included: the id is made once and kept in the run
+    folder (a name such as --run-name baseline is not unique across a shared project). Steps logged
+    again after a resume repeat values W&B already has, since resumed training is exact."""
+    path = run_dir / "wandb-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    run_id = secrets.token_hex(8)
+    atomic_write(path, lambda handle: handle.write(run_id.encode()))
+    return run_id
