@@ -138,9 +138,10 @@ def _parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def check_row(row: Row):
+def check_row(row: Row, batch_size: int | None = None):
     """The row's training config, checked (None for a timm row): unknown configs, options and
-    timm models are refused here, before anything is measured."""
+    timm models are refused here, before anything is measured. With `batch_size` (training rows),
+    the step the row will time is checked too, at the row's resolution and that batch."""
     if row.timm_model:
         try:
             import timm
@@ -154,11 +155,14 @@ def check_row(row: Row):
     flags = {name: value for name, value in (("precision", row.precision), ("channels_last", row.channels_last),
                                              ("compile", row.compile)) if value is not None}
     cfg = make_config({**resolve_config(row.config), "data": "generated", **flags, **row.overrides}, f"row {row.spec!r}")
+    timed = cfg if batch_size is None else replace(cfg, micro_batch_size=batch_size, resolution=row.resolution or cfg.resolution,
+                                                      train_resolution=None, half_res_training=False)
     try:
-        check_config(cfg)
+        check_config(timed)
         meta_model(cfg)
     except ConfigError as error:
-        raise ConfigError(f"row {row.spec!r}: {error}") from None
+        message = str(error) if batch_size is None else str(error).replace("--micro-batch-size", "--batch-size")
+        raise ConfigError(f"row {row.spec!r}: {message}") from None
     row.checked = cfg
     return cfg
 
@@ -463,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             check_writable(results_file, "--results-file")  # before the measurements a failed write would lose
         rows = [parse_row(spec) for spec in args.compare] if args.mode != "data" else []
         for row in rows:
-            check_row(row)
+            check_row(row, args.batch_size if args.mode == "train" else None)
         device = pick_device(args.device, 0)
         tune_for_device(device)
     except (ConfigError, DataError, ParallelError) as error:

@@ -87,6 +87,9 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--compare", "demo+compile_mode=reduce-overhead"],
      "row 'demo+compile_mode=reduce-overhead': --compile-mode reduce-overhead needs --compile true"),
     (["--results-file", "figures.txt"], "--results-file must end in .json or .csv, got 'figures.txt'"),
+    # the timed training step itself: BatchNorm with one image on 1x1 maps
+    (["--compare", "demo@32+norm=batch+proxy_norm=false", "--batch-size", "1"],
+     "the last feature maps are 1x1 and --batch-size is 1: raise --batch-size"),
 ])
 def test_bad_options_exit_2_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_benchmark.main(argv) == 2

@@ -307,6 +307,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"{option(name)} must be positive, got {value}")
     if cfg.proxy_norm and cfg.norm == "batch":
         raise ConfigError("--proxy-norm needs a batch-independent norm: use --norm group or --norm layer")
+    if cfg.norm == "batch":
+        check_batch_norm_statistics(cfg)
     if cfg.num_classes is not None and cfg.num_classes < 2:
         raise ConfigError(f"--num-classes must be at least 2, got {cfg.num_classes}")
     if cfg.data == "imagenet" and not cfg.data_path:
@@ -324,6 +326,20 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--keep-checkpoints must be at least 1, got {cfg.keep_checkpoints}")
     if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
         raise ConfigError(f"--max-steps-per-epoch must be at least 1, got {cfg.max_steps_per_epoch}")
+
+
+def check_batch_norm_statistics(cfg: TrainConfig) -> None:
+    """BatchNorm in training needs two values per channel: a micro-batch of one image fails on the
+    last stage's 1x1 maps (32x downsampling), which it has at up to 32 px."""
+    phases = [(cfg.micro_batch_size, training_resolution(cfg), "micro-batch-size")]
+    if cfg.fine_tune_epochs > 0 and training_resolution(cfg) != native_resolution(cfg):
+        phases.append((cfg.fine_tune_batch_size or cfg.micro_batch_size, native_resolution(cfg), "fine-tune-batch-size"))
+    for batch, resolution, name in phases:
+        side = math.ceil(resolution / 32)
+        if batch * side * side < 2:
+            raise ConfigError(f"--norm batch needs more than one value per channel in training, but at {resolution} px "
+                              f"the last feature maps are {side}x{side} and --{name} is {batch}: raise --{name}, "
+                              f"train above 32 px, or use --norm group or --norm layer")
 
 
 # ---------------------------------------------------------------------------- derived values
