@@ -37,6 +37,11 @@ def find_classes(root: Path) -> list[str]:
         raise DataError(f"data folder not found: {root}")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
+        flat = sum(1 for entry in os.scandir(root) if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+        if flat:  # e.g. ImageNet's validation images as distributed, before they are sorted by label
+            raise DataError(f"no class folders in {root}, but {flat} image file(s) directly in it: the label of an "
+                            f"image is the name of its folder, so move each image into {root}/<class>/ (ImageNet's "
+                            f"validation set: by its ground-truth labels, as the usual valprep.sh does)")
         raise DataError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
     return classes
 

@@ -331,6 +331,12 @@ def test_bad_image_files_are_counted_skips(tmp_path: Path) -> None:
 def test_missing_empty_and_mismatched_folders_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data path not found"):
         check_classes(tmp_path / "nowhere")
+    flat = tmp_path / "flat"  # ImageNet's validation images as distributed: no class folders
+    for split, name in (("train/cat", "a.JPEG"), ("val", "ILSVRC2012_val_00000001.JPEG")):
+        (flat / split).mkdir(parents=True)
+        Image.new("RGB", (40, 40)).save(flat / split / name)
+    with pytest.raises(DataError, match=f"no class folders in {flat / 'val'}, but 1 image file\\(s\\) directly in it"):
+        check_classes(flat)
     (tmp_path / "train" / "cat").mkdir(parents=True)
     (tmp_path / "validation" / "dog").mkdir(parents=True)
     with pytest.raises(DataError, match="only in train: \\['cat'\\], only in validation: \\['dog'\\]"):
