@@ -133,6 +133,15 @@ def test_full_disk_during_training_is_one_line_and_resume_completes(tmp_path: Pa
     assert [row.split(",")[:2] for row in rows[1:]] == [["train", "1"], ["train", "2"]]  # the failed epoch once
 
 
+def test_a_disk_too_full_for_the_lock_file_leaves_nothing(tmp_path: Path) -> None:
+    """On a full disk the lock file is created but its few bytes are refused: one line, no stale
+    lock, no empty run folder."""
+    result = run_cli("run_train.py", *tiny_train_args(tmp_path / "runs", "--run-name", "r"), file_size_limit=1)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: could not write {tmp_path / 'runs' / 'r' / '.lock'}: File too large" in result.stderr
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
 def test_a_metrics_file_on_a_full_disk_stops_the_run_at_the_next_checkpoint(tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture[str]) -> None:

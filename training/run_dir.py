@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, newest_good_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, newest_good_checkpoint, write_failed
 from .config import ConfigError, TrainConfig
 
 LOCK_NAME = ".lock"
@@ -101,8 +101,12 @@ class RunLock:
             except OSError as error:
                 raise ConfigError(f"cannot write to the run folder {self.path.parent}: {error.strerror} "
                                   f"(check --output-dir)") from None
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(str(os.getpid()))
+            except OSError as error:  # a full disk: the file is made, its few bytes are refused
+                self.path.unlink(missing_ok=True)
+                raise write_failed(self.path, error) from error
             self.held = True
             return
         raise ConfigError(f"could not lock run folder {self.path.parent}")
