@@ -165,6 +165,14 @@ def test_an_unwritable_results_file_is_refused_before_measuring(tmp_path, capsys
     assert blocker.read_text() == "a file where a folder should be"
 
 
+def test_a_full_disk_at_the_start_is_refused_before_measuring(tmp_path) -> None:
+    path = tmp_path / "figures.json"  # no byte can be written: refused like an unwritable folder
+    result = run_cli("run_benchmark.py", "--compare", TINY_ROW, "--results-file", str(path), file_size_limit=0)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: cannot write {path}: File too large (check --results-file)" in result.stderr
+    assert "matmul peak" not in result.stdout and list(tmp_path.iterdir()) == []
+
+
 def test_a_full_disk_at_the_end_says_which_file_and_keeps_the_printed_figures(tmp_path) -> None:
     path = tmp_path / "figures.json"  # a few kB: over the limit below, which the writability check passes
     result = run_cli("run_benchmark.py", "--compare", TINY_ROW, "--batch-size", "2", "--warmup-steps", "0",

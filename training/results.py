@@ -20,11 +20,13 @@ TABLE_SUFFIXES = (".csv", ".json")
 
 
 def check_writable(path: Path, option: str) -> None:
-    """Create the folder of an output file and try writing in it, or raise ConfigError naming `option`."""
+    """Create the folder of an output file and try writing in it, or raise ConfigError naming `option`.
+    One byte is written and flushed: an empty file can be made on a full disk, a byte cannot."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
+        with tempfile.TemporaryFile(dir=path.parent) as probe:
+            probe.write(b"0")
+            probe.flush()
     except OSError as error:
         raise ConfigError(f"cannot write {path}: {error.strerror} (check {option})") from None
 
