@@ -380,8 +380,10 @@ def git_commit() -> str | None:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        # only read the repository: a plain status refreshes the index under .git/index.lock, which
+        # a git killed half-way (a full disk: SIGXFSZ) would leave behind, blocking every git command
+        changed = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                                 cwd=folder, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+changes" if changed else "")
