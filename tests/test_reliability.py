@@ -437,7 +437,11 @@ def test_two_runs_in_one_folder_do_not_share_it(tmp_path: Path) -> None:
     args = tiny_train_args(tmp_path, *LONG, "--run-name", "busy", "--resume", "auto")
     first = _popen(args)
     _wait_for_checkpoints(tmp_path / "busy", 1, first)
-    second = run_cli("run_train.py", *args)
+    first.send_signal(signal.SIGSTOP)  # paused mid-run, so that it cannot finish before the second starts
+    try:
+        second = run_cli("run_train.py", *args)
+    finally:
+        first.send_signal(signal.SIGCONT)
     first.communicate(timeout=300)
     assert first.returncode == 0
     assert second.returncode == 2 and "in use by another training process" in second.stderr
