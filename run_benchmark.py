@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from datasets import DataError
+from datasets import DataError, batch_bytes, check_shared_memory
 from models import create_model
 from models.flops import count_macs
 from parallel.context import ParallelError, pick_device, tune_for_device
@@ -462,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--workers must be at least 0, --jpegs and --resolution at least 1")
         if args.mode == "data" and args.data_path:
             loader_root(args.data_path)
+        if args.mode == "data":
+            check_shared_memory(args.workers, 1, batch_bytes(args.batch_size, args.resolution),
+                                "--workers or --batch-size")
         if args.results_file:
             results_file = Path(args.results_file)
             if results_file.suffix not in TABLE_SUFFIXES:

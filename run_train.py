@@ -28,13 +28,16 @@ import parallel
 from datasets import (
     DataError,
     SeededSampler,
+    batch_bytes,
     check_classes,
+    check_shared_memory,
     data_root,
     eval_resize_size,
     eval_transform,
     make_loader,
     train_transform,
 )
+from datasets.shared_memory import loader_failure
 from models import create_model
 from training.averaging import make_average
 from training.checkpoint import (
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_for_resume(cfg, state, state_path, ctx.print)
             check_before_work(cfg)
         check_data_folder(cfg)  # the checkpoint's data folder when resuming: --data-path is not run control
+        check_loader_memory(cfg, ctx)
         if ctx.is_main:
             created = None if run_dir.exists() else run_dir
             lock = RunLock(run_dir)
@@ -151,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"make room, then continue with --resume auto.", file=sys.stderr)
         return 1
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        if loader_failure(error):
+            print(f"error: {loader_failure(error)}. Checkpoints already written are kept: continue with --resume auto.",
+                  file=sys.stderr)
+            return 1
         if not is_out_of_memory(error):
             raise
         print(f"error: out of memory ({allocation_failed(error)}): lower --micro-batch-size (raise "
@@ -217,6 +225,15 @@ def check_data_folder(cfg: TrainConfig) -> None:
     root = data_root(cfg.data, cfg.data_path)
     if root is not None:
         check_classes(root)
+
+
+def check_loader_memory(cfg: TrainConfig, ctx: parallel.Context) -> None:
+    """The loader workers' batches in flight against free shared memory, for every rank on this host."""
+    native = native_resolution(cfg)
+    sizes = [batch_bytes(cfg.micro_batch_size, max(training_resolution(cfg), native))]  # training and validation
+    if needs_fine_tune(cfg):
+        sizes.append(batch_bytes(fine_tune_micro_batch(cfg), native))
+    check_shared_memory(cfg.workers, ctx.local_world_size, max(sizes), "--workers or --micro-batch-size")
 
 
 def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | None, state_path: Path | None) -> int:

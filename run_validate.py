@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import parallel
-from datasets import DataError, SeededSampler, eval_transform, make_loader
+from datasets import DataError, SeededSampler, batch_bytes, check_shared_memory, eval_transform, make_loader
 from models.flops import count_macs
 from training.checkpoint import CheckpointError, WriteError, atomic_write, list_checkpoints
 from training.config import (
@@ -195,6 +195,8 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
     num_classes = model.config.num_classes
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
+    largest = max(resolutions or [native_resolution(cfg)])
+    check_shared_memory(cfg.workers, 1, batch_bytes(args.batch_size, largest), "--workers or --batch-size")
     val_set = open_dataset(cfg, "validation", native_resolution(cfg), num_classes)
     for resolution in resolutions or [native_resolution(cfg)]:
         started = time.perf_counter()

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
+from . import shared_memory
 from .generated import GeneratedDataset
 from .image_folder import DataError, ImageFolderDataset, Skipped, find_classes
 from .sampler import SeededSampler
+from .shared_memory import batch_bytes, check_shared_memory
 from .transforms import eval_resize_size, eval_transform, train_transform
 
 DEMO_ROOT = Path(__file__).resolve().parent / "demo_data"
@@ -114,6 +116,7 @@ def make_loader(
         persistent_workers=False,
         drop_last=drop_last,
         pin_memory=device is not None and device.type == "cuda",
+        timeout=shared_memory.BATCH_TIMEOUT_S if workers > 0 else 0,  # a batch lost by a worker ends in an error, not a hang
         # worker base seeds come from this private generator, not the global RNG, so creating an
         # iterator mid-run (a resume) does not shift the training RNG stream; augmentation seeds
         # come from the sampler anyway
@@ -129,7 +132,9 @@ __all__ = [
     "ImageFolderDataset",
     "SeededSampler",
     "Skipped",
+    "batch_bytes",
     "check_classes",
+    "check_shared_memory",
     "collate_skipping",
     "data_root",
     "eval_resize_size",

@@ -28,6 +28,7 @@ class Context:
     stages: int = 1
     device: torch.device = torch.device("cpu")
     distributed: bool = False
+    local_world_size: int = 1  # processes on this host (they share its memory)
 
     @property
     def is_main(self) -> bool:
@@ -130,7 +131,8 @@ def setup(cfg) -> Context:
         )
     device = pick_device(cfg.device, local_rank)
     tune_for_device(device, cfg.deterministic)
-    ctx = Context(rank, world_size, local_rank, cfg.replicas, stages, device, world_size > 1)
+    ctx = Context(rank, world_size, local_rank, cfg.replicas, stages, device, world_size > 1,
+                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if ctx.distributed:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":

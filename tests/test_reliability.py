@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +22,19 @@ from safetensors.torch import save_file
 
 import run_train
 from conftest import ROOT, run_cli, tiny_train_args
-from datasets import DataError, ImageFolderDataset, check_classes, open_split
+from datasets import (
+    DataError,
+    ImageFolderDataset,
+    SeededSampler,
+    batch_bytes,
+    check_classes,
+    check_shared_memory,
+    make_loader,
+    open_split,
+    shared_memory,
+)
 from datasets.image_folder import Skipped, load_image
+from datasets.shared_memory import shared_batches
 from training.checkpoint import (
     CheckpointError,
     WriteError,
@@ -363,6 +375,55 @@ def test_missing_empty_and_mismatched_folders_are_clear_errors(tmp_path: Path) -
     with pytest.raises(DataError, match="1 class folder\\(s\\) under .*train hold no image files: dog"):
         open_split("imagenet", "train", lambda image: image, str(tmp_path))
     assert len(open_split("imagenet", "validation", lambda image: image, str(tmp_path))) == 1
+
+
+def test_shared_memory_is_checked_against_the_loaders_batches(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free  # a real folder's free space stands in for /dev/shm's
+    batch = batch_bytes(32, 224)
+    assert batch == 32 * 3 * 224 * 224 * 4 and shared_batches(2) == 6
+    check_shared_memory(0, 8, free, "--workers", tmp_path)  # no workers: nothing in shared memory
+    check_shared_memory(2, 1, free // shared_batches(2) - 1, "--workers", tmp_path)
+    with pytest.raises(DataError, match=r"2 data loader workers in each of 4 processes need about \d+ MiB of shared "
+                                        r"memory .* \(24 of .* MiB\), but \d+ MiB is free: lower --workers"):
+        check_shared_memory(2, 4, free // 20, "--workers", tmp_path)
+
+
+def test_too_little_shared_memory_is_refused_before_the_run(tmp_path: Path, monkeypatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A container's small /dev/shm made the loader hang (a worker drops the batch it cannot share):
+    refused before the run folder is made."""
+    folder = tmp_path / "shm"
+    folder.mkdir()
+    monkeypatch.setattr(shared_memory, "SHARED_MEMORY", folder)
+    monkeypatch.setattr(shared_memory.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 20, 1 << 20, 1 << 16))
+    args = tiny_train_args(tmp_path / "runs", "--workers", "2", "--run-name", "r")
+    assert run_train.main(args) == 2
+    assert f"shared memory ({folder})" in capsys.readouterr().err and not (tmp_path / "runs" / "r").exists()
+    assert run_train.main([*args, "--workers", "0"]) == 0  # without workers nothing is shared
+
+
+class _SlowDataset(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        time.sleep(5)
+        return torch.zeros(3, 8, 8), index, None
+
+
+def test_a_lost_batch_ends_in_one_line_not_a_hang(tmp_path: Path, monkeypatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The loader has a timeout; its error, and a dead worker's, become one line that says what to change."""
+    monkeypatch.setattr(shared_memory, "BATCH_TIMEOUT_S", 0.5)
+    loader = make_loader(_SlowDataset(), 2, SeededSampler(4, 0), workers=1)
+    with pytest.raises(RuntimeError, match="DataLoader timed out") as error:
+        next(iter(loader))
+    assert "for want of shared memory" in shared_memory.loader_failure(error.value)
+    assert shared_memory.loader_failure(RuntimeError("an unrelated failure")) is None
+    monkeypatch.setattr(run_train, "train", lambda *a, **k: (_ for _ in ()).throw(error.value))
+    assert run_train.main(tiny_train_args(tmp_path / "runs")) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: no batch from the data loader in 0 s") and "--resume auto" in lines[-1]
 
 
 def test_resume_checks_the_checkpoints_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
