@@ -489,6 +489,9 @@ def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path) ->
         assert result.returncode == 2, (args, result.stderr)
         assert len(lines) == 1 and needle in lines[0], (args, result.stderr)  # not the data path error
     assert not (tmp_path / "runs").exists()
+    empty = run_cli("run_train.py", "--output-dir", "")  # an unset variable: not the working folder
+    assert empty.returncode == 2 and empty.stderr.strip() == "error: --output-dir is empty: name the folder for run " \
+        "folders ('.' for the current one)"
 
 
 # ---------------------------------------------------------------------------- output folders

@@ -286,6 +286,8 @@ def check_config(cfg: TrainConfig) -> None:
         # a path would put the run outside --output-dir (`..` into its parent, beside other runs' files)
         raise ConfigError(f"--run-name must be a folder name (no '/', not '.' or '..'), got {cfg.run_name!r}; "
                           f"--output-dir says where run folders go")
+    if not cfg.output_dir.strip():  # an unset shell variable: the runs would land in the working folder
+        raise ConfigError("--output-dir is empty: name the folder for run folders ('.' for the current one)")
     if cfg.lr_decay > 1:
         raise ConfigError(f"--lr-decay is a factor in (0, 1], got {cfg.lr_decay}")
     if not 0.0 < cfg.cutmix_lambda <= 1.0:
