@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"make room, then continue with --resume auto.", file=sys.stderr)
         return 1
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
-        if loader_failure(error):
-            print(f"error: {loader_failure(error)}. Checkpoints already written are kept: continue with --resume auto.",
+        explained = loader_failure(error)
+        if explained:
+            print(f"error: {explained}. Checkpoints already written are kept: continue with --resume auto.",
                   file=sys.stderr)
             return 1
         if not is_out_of_memory(error):

@@ -58,14 +58,12 @@ class MetricsLog:
         try:
             self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
         except OSError as error:
-            self.failure = write_failed(self.jsonl_path, error)
-            return
+            return self._failed(self.jsonl_path, error)
         if record.get("event") == "epoch":
             try:
                 self.csv.writerow({key: _fmt(record.get(key)) for key in CSV_COLUMNS})
             except OSError as error:
-                self.failure = write_failed(self.csv_path, error)
-                return
+                return self._failed(self.csv_path, error)
         if self.wandb is not None:
             try:
                 self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
@@ -75,12 +73,25 @@ class MetricsLog:
 
     def sizes(self) -> dict[str, int]:
         """Each file's size now, for the checkpoint (lines are flushed as written)."""
-        return {self.jsonl_path.name: os.fstat(self.jsonl.fileno()).st_size,
-                self.csv_path.name: os.fstat(self.csv_file.fileno()).st_size}
+        return {path.name: path.stat().st_size if path.is_file() else 0 for path in (self.jsonl_path, self.csv_path)}
+
+    def _failed(self, path: Path, error: OSError) -> None:
+        """Keep the first failure; close the files now, dropping what their buffers still hold
+        (closed later, they would fail again, as noise at exit)."""
+        self.failure = self.failure or write_failed(path, error)
+        for handle in (self.jsonl, self.csv_file):
+            try:
+                handle.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
-        self.jsonl.close()
-        self.csv_file.close()
+        """A failure to write out the last lines is kept in `failure`, like one in log()."""
+        for path, handle in ((self.jsonl_path, self.jsonl), (self.csv_path, self.csv_file)):
+            try:
+                handle.close()
+            except OSError as error:
+                self.failure = self.failure or write_failed(path, error)
         if self.wandb is not None:
             try:
                 self.wandb.finish()
