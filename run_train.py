@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import time
+import types
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -380,27 +381,28 @@ def make_fine_tune_phase(cfg: TrainConfig, model: nn.Module, num_classes: int, t
     )
 
 
-def fine_tune(cfg: TrainConfig, model: nn.Module, num_classes: int, resolution: int, ctx: parallel.Context,
-              work_dir: Path) -> None:
+def fine_tune(cfg: TrainConfig, model: nn.Module, num_classes: int, resolution: int, ctx: parallel.Context) -> None:
     """The paper's fine-tune of the head at `resolution` with test-time preprocessing, in place.
-    run_validate.py calls this for its per-resolution protocol; checkpoints go to `work_dir`."""
+    run_validate.py calls this for its per-resolution protocol: a pass that is not resumed, so it
+    writes no checkpoints, and Ctrl-C stops it at once (KeyboardInterrupt)."""
     cfg = dataclasses.replace(cfg, resolution=resolution, checkpoint_every_steps=0, stop_after_steps=None,
                               validate_every=0)
     train_set = open_dataset(cfg, "train", resolution)
     phase = make_fine_tune_phase(cfg, model, num_classes, len(train_set), ctx)
     scaler = make_scaler(cfg, ctx.device)
     runner = parallel.wrap(model, cfg, ctx)
-    with SignalStopper() as stopper:
-        run_phase(cfg, ctx, phase, model, runner, scaler, train_set, None, Progress(phase="fine_tune"), work_dir,
-                  None, stopper)
+    never_stops = types.SimpleNamespace(code=0)  # no SignalStopper: there is no checkpoint to stop at
+    run_phase(cfg, ctx, phase, model, runner, scaler, train_set, None, Progress(phase="fine_tune"), None,
+              None, never_stops)
     for param in model.parameters():
         param.requires_grad_(True)
     model.eval()
 
 
 def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_loader, progress: Progress,
-              run_dir: Path, log, stopper) -> None:
-    """Epochs of one phase, from wherever `progress` says the run is."""
+              run_dir: Path | None, log, stopper) -> None:
+    """Epochs of one phase, from wherever `progress` says the run is (checkpoints in `run_dir`;
+    None: none written)."""
     set_phase_preprocessing(train_set, cfg, phase)
     sampler = SeededSampler(len(train_set), cfg.seed + (1000 if phase.name == "fine_tune" else 0), True,
                             ctx.replica_rank, ctx.replicas)
@@ -532,7 +534,7 @@ def handle_nonfinite(cfg, ctx, phase: Phase, progress: Progress, bad_losses: lis
     progress.nonfinite_skipped += 1
     where = f"{phase.name} epoch {progress.epoch + 1}, step {progress.step + 1}"
     if progress.nonfinite_skipped > cfg.skip_nonfinite_steps:
-        saved = list_checkpoints(run_dir)
+        saved = list_checkpoints(run_dir) if run_dir is not None else []
         raise TrainingError(
             f"loss is {bad} at {where}; stopping. Last good checkpoint: "
             f"{saved[-1] if saved else 'none yet'}. Lower the LR, use --precision fp32, or allow skips with "
@@ -568,6 +570,8 @@ def mix(mixer: BatchMixer, images, labels, seed: int, replica: int, progress: Pr
 def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progress: Progress,
                      epoch_end: bool, runner, log: MetricsLog | None) -> Path | None:
     """Every rank joins in (pipeline stages merge their slices); rank 0 writes atomically."""
+    if run_dir is None:  # a pass that is never resumed (run_validate's fine-tuning)
+        return None
     state = dict(
         model=runner.full_state(model),
         optimizer=runner.full_optimizer_state(phase.optimizer),

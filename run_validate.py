@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -208,9 +207,8 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
             import run_train
 
             tested = copy.deepcopy(model)
-            with tempfile.TemporaryDirectory(prefix="fine-tune-") as work_dir:
-                run_train.fine_tune(dataclasses.replace(cfg, fine_tune_epochs=args.fine_tune_epochs), tested,
-                                    num_classes, resolution, ctx, Path(work_dir))
+            run_train.fine_tune(dataclasses.replace(cfg, fine_tune_epochs=args.fine_tune_epochs), tested,
+                                num_classes, resolution, ctx)
         result = evaluate(tested, loader, device, cfg.precision, cfg.channels_last, args.progress,
                           f"{source.name} @ {resolution}px")
         speed = inference_throughput(tested, args.batch_size, resolution, device, args.warmup_batches,

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import run_train
 import run_validate
-from conftest import run_cli, tiny_train_args
+from conftest import ROOT, run_cli, tiny_train_args
 from datasets import DEMO_ROOT, ImageFolderDataset, SeededSampler, check_classes, eval_transform, make_loader
 from training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from training.config import ConfigError
@@ -90,6 +93,27 @@ def test_fine_tune_protocol_runs_per_resolution(trained_run: Path, tmp_path: Pat
     plain, tuned = _rows(tmp_path / "plain")[0], _rows(tmp_path / "ft")[0]
     assert tuned["fine_tune_epochs"] == 1
     assert tuned["loss"] != plain["loss"]  # the head was trained at 40 px before testing
+
+
+def test_ctrl_c_during_per_resolution_fine_tuning_exits_130(trained_run: Path, tmp_path: Path) -> None:
+    """The fine-tuning pass is not resumable, so it writes no checkpoints and Ctrl-C stops it at once
+    (it used to checkpoint into a temporary folder and end in a StopRequested traceback)."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_validate.py"), "--checkpoint", str(trained_run / "model.safetensors"),
+         "--fine-tune-epochs", "1000", "--resolutions", "32", "--progress", "false",
+         "--output-prefix", str(tmp_path / "sweep")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    output = []
+    for line in process.stdout:  # interrupted mid-pass, after its first epoch
+        output.append(line)
+        if line.startswith("fine_tune epoch 1/1000"):
+            process.send_signal(signal.SIGINT)
+            break
+    output.append(process.communicate(timeout=120)[0])
+    text = "".join(output)
+    assert process.returncode == 130 and "interrupted" in text and "Traceback" not in text, text
+    assert not (tmp_path / "sweep.csv").exists()
 
 
 def test_pareto_marks() -> None:
