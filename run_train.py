@@ -249,6 +249,9 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     val_set = open_dataset(cfg, "validation", native)
     set_preprocessing(val_set, native, eval_transform(native, cfg.crop_pct))
     num_classes = cfg.num_classes or len(val_set.classes)
+    if num_classes < len(val_set.classes):  # the labels of the last folders would be out of the classifier's range
+        raise ConfigError(f"--num-classes {num_classes} is fewer than the {len(val_set.classes)} classes of the data: "
+                          f"leave it out to use one output per class folder")
     val_loader = make_loader(val_set, cfg.micro_batch_size, SeededSampler(len(val_set), cfg.seed, False,
                                                                             ctx.replica_rank, ctx.replicas), cfg.workers,
                              device=device)

@@ -447,6 +447,13 @@ def test_resume_checks_the_checkpoints_data_folder(tmp_path: Path, capsys: pytes
     assert (tmp_path / "runs" / "r" / "final.json").is_file()
 
 
+def test_fewer_outputs_than_class_folders_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--num-classes below the data's classes used to fail mid-training with an IndexError."""
+    assert run_train.main(tiny_train_args(tmp_path / "runs", "--num-classes", "5", "--run-name", "few")) == 2
+    assert "--num-classes 5 is fewer than the 10 classes of the data" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "few").exists()
+
+
 @pytest.mark.parametrize("option", ["--micro-batch-size", "--fine-tune-batch-size"])
 def test_a_batch_larger_than_the_data_is_refused_before_training(tmp_path: Path, option: str,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
