@@ -197,6 +197,10 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
     largest = max(resolutions or [native_resolution(cfg)])
     check_shared_memory(cfg.workers, 1, batch_bytes(args.batch_size, largest), "--workers or --batch-size")
     val_set = open_dataset(cfg, "validation", native_resolution(cfg), num_classes)
+    if len(val_set.classes) > num_classes:  # labels past the classifier's outputs
+        raise DataError(f"{source.name} has {num_classes} outputs, but the validation data ({cfg.data}"
+                        f"{' ' + str(cfg.data_path) if cfg.data_path else ''}) has {len(val_set.classes)} classes: "
+                        f"validate on the kind of data the model was trained on")
     for resolution in resolutions or [native_resolution(cfg)]:
         started = time.perf_counter()
         set_preprocessing(val_set, resolution, eval_transform(resolution, cfg.crop_pct))

@@ -194,6 +194,17 @@ def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path) -> None
         assert "Traceback" not in result.stderr
 
 
+def test_data_with_more_classes_than_the_model_has_outputs_is_refused(tmp_path: Path) -> None:
+    """A 5-output model validated on the 10 demo classes used to end in an IndexError."""
+    args = tiny_train_args(tmp_path / "runs", "--data", "generated", "--generated-size", "16", "--num-classes", "5",
+                           "--epochs", "1", "--max-steps-per-epoch", "1", "--run-name", "five")
+    assert run_train.main(args) == 0
+    result = run_cli("run_validate.py", "--checkpoint", str(tmp_path / "runs" / "five" / "model.safetensors"),
+                     "--data", "demo", "--progress", "false", "--output-prefix", str(tmp_path / "sweep"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "model.safetensors has 5 outputs, but the validation data (demo) has 10 classes" in result.stderr
+
+
 def test_out_of_memory_keeps_the_points_measured_before_it(trained_run: Path, tmp_path: Path, monkeypatch,
                                                            capsys) -> None:
     """A sweep that runs out of memory at a high resolution writes the points it measured, says what
