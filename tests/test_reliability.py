@@ -484,6 +484,7 @@ def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path) ->
         (["--run-name", ".."], "--run-name must be a folder name"),
         (["--run-name", "a/b"], "--run-name must be a folder name"),
         (["--lr", "nan"], "--lr must be a finite number, got nan"),  # nan passes every comparison
+        (["--skip-nonfinite-steps", "-1"], "--skip-nonfinite-steps must not be negative"),
         # BatchNorm's batch statistics need two values per channel: one image on the 1x1 maps of <= 32 px
         (["--norm", "batch", "--micro-batch-size", "1", "--resolution", "32"], "--micro-batch-size is 1: raise"),
         (["--norm", "batch", "--half-res-training", "--resolution", "32", "--half-resolution", "16",

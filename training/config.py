@@ -144,7 +144,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE_INTS = ("micro_batch_size", "gradient_accumulation", "replicas", "group_size", "expand_ratio", "norm_groups")
 NON_NEGATIVE = ("epochs", "workers", "fine_tune_epochs", "checkpoint_every_steps", "validate_every", "warmup_epochs",
-                "mixup_alpha", "weight_decay", "proxy_weight_decay", "momentum")
+                "mixup_alpha", "weight_decay", "proxy_weight_decay", "momentum", "skip_nonfinite_steps")
 UNIT_INTERVAL = ("hflip",)  # [0, 1]
 BELOW_ONE = ("ema_decay", "epoch_average_decay", "label_smoothing", "dropout", "stochastic_depth",  # [0, 1)
              "rmsprop_decay")
