@@ -454,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--batch-size, --timed-steps and --rounds must be at least 1, --warmup-steps at least 0")
         if not args.round_time_limit >= 0:  # nan too
             raise ConfigError(f"--round-time-limit must be a number of seconds, 0 or more, got {args.round_time_limit}")
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1 (leave it out for PyTorch's default), got {args.threads}")
         if args.profile_calls < 0 or args.profile_rows < 1:
             raise ConfigError("--profile-calls must not be negative, --profile-rows must be at least 1")
         if args.profile_calls and args.mode == "data":
@@ -478,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ParallelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     retained = args.retain_host_memory and retain_freed_memory()
     machine = environment(args, arguments, device, retained)

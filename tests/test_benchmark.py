@@ -71,6 +71,7 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
 
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--threads", "-2"], "--threads must be at least 1"),
     (["--compare", "demo@abc"], "resolution after @ must be an integer"),
     (["--compare", "demo+float8"], "unknown flag 'float8'"),
     # refused before the matmul peak is measured, not as a traceback when the row is built
