@@ -57,12 +57,15 @@ from training.config import (
     ConfigError,
     TrainConfig,
     check_config,
+    fine_tune_micro_batch,
     from_dict,
     global_batch_size,
     meta_model,
     model_overrides,
     native_resolution,
+    needs_fine_tune,
     parse_args,
+    phase_batches,
     to_dict,
     training_resolution,
 )
@@ -231,10 +234,8 @@ def check_data_folder(cfg: TrainConfig) -> None:
 
 def check_loader_memory(cfg: TrainConfig, ctx: parallel.Context) -> None:
     """The loader workers' batches in flight against free shared memory, for every rank on this host."""
-    native = native_resolution(cfg)
-    sizes = [batch_bytes(cfg.micro_batch_size, max(training_resolution(cfg), native))]  # training and validation
-    if needs_fine_tune(cfg):
-        sizes.append(batch_bytes(fine_tune_micro_batch(cfg), native))
+    sizes = [batch_bytes(batch, resolution) for batch, resolution, _ in phase_batches(cfg)]
+    sizes.append(batch_bytes(cfg.micro_batch_size, native_resolution(cfg)))  # validation
     check_shared_memory(cfg.workers, ctx.local_world_size, max(sizes), "--workers or --micro-batch-size")
 
 
@@ -257,9 +258,8 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
                              device=device)
     train_set = open_dataset(cfg, "train", training_resolution(cfg))
     # each phase's batch against the data, before anything is written (fine-tuning comes after hours of training)
-    steps_per_epoch(cfg, len(train_set), cfg.micro_batch_size, ctx)
-    if needs_fine_tune(cfg):
-        steps_per_epoch(cfg, len(train_set), fine_tune_micro_batch(cfg), ctx, "--fine-tune-batch-size")
+    for batch, _, option in phase_batches(cfg):
+        steps_per_epoch(cfg, len(train_set), batch, ctx, option)
 
     # ---- model: the same initial weights on every rank, then a different RNG stream per rank
     torch.manual_seed(cfg.seed)
@@ -351,14 +351,6 @@ def make_train_phase(cfg: TrainConfig, model: nn.Module, num_classes: int, train
         ema=make_average(model, cfg.ema_decay),
         epoch_average=make_average(model, cfg.epoch_average_decay),
     )
-
-
-def needs_fine_tune(cfg: TrainConfig) -> bool:
-    return cfg.fine_tune_epochs > 0 and training_resolution(cfg) != native_resolution(cfg)
-
-
-def fine_tune_micro_batch(cfg: TrainConfig) -> int:
-    return cfg.fine_tune_batch_size or cfg.micro_batch_size
 
 
 def make_fine_tune_phase(cfg: TrainConfig, model: nn.Module, num_classes: int, train_size: int,

@@ -194,14 +194,14 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
     num_classes = model.config.num_classes
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
-    largest = max(resolutions or [native_resolution(cfg)])
-    check_shared_memory(cfg.workers, 1, batch_bytes(args.batch_size, largest), "--workers or --batch-size")
+    resolutions = resolutions or [native_resolution(cfg)]
+    check_shared_memory(cfg.workers, 1, batch_bytes(args.batch_size, max(resolutions)), "--workers or --batch-size")
     val_set = open_dataset(cfg, "validation", native_resolution(cfg), num_classes)
     if len(val_set.classes) > num_classes:  # labels past the classifier's outputs
         raise DataError(f"{source.name} has {num_classes} outputs, but the validation data ({cfg.data}"
                         f"{' ' + str(cfg.data_path) if cfg.data_path else ''}) has {len(val_set.classes)} classes: "
                         f"validate on the kind of data the model was trained on")
-    for resolution in resolutions or [native_resolution(cfg)]:
+    for resolution in resolutions:
         started = time.perf_counter()
         set_preprocessing(val_set, resolution, eval_transform(resolution, cfg.crop_pct))
         loader = make_loader(val_set, args.batch_size, SeededSampler(len(val_set), cfg.seed, shuffle=False),

@@ -333,14 +333,11 @@ def check_config(cfg: TrainConfig) -> None:
 def check_batch_norm_statistics(cfg: TrainConfig) -> None:
     """BatchNorm in training needs two values per channel: a micro-batch of one image fails on the
     last stage's 1x1 maps (32x downsampling), which it has at up to 32 px."""
-    phases = [(cfg.micro_batch_size, training_resolution(cfg), "micro-batch-size")]
-    if cfg.fine_tune_epochs > 0 and training_resolution(cfg) != native_resolution(cfg):
-        phases.append((cfg.fine_tune_batch_size or cfg.micro_batch_size, native_resolution(cfg), "fine-tune-batch-size"))
-    for batch, resolution, name in phases:
+    for batch, resolution, name in phase_batches(cfg):
         side = math.ceil(resolution / 32)
         if batch * side * side < 2:
             raise ConfigError(f"--norm batch needs more than one value per channel in training, but at {resolution} px "
-                              f"the last feature maps are {side}x{side} and --{name} is {batch}: raise --{name}, "
+                              f"the last feature maps are {side}x{side} and {name} is {batch}: raise {name}, "
                               f"train above 32 px, or use --norm group or --norm layer")
 
 
@@ -364,6 +361,24 @@ def paper_half_resolution(cfg: TrainConfig) -> int:
     --resolution when that is not the model's native one (B0 at --resolution 112: 80, not 160)."""
     member = FAMILY[cfg.model]
     return max(MIN_RESOLUTION, round(member.half_resolution * native_resolution(cfg) / member.resolution))
+
+
+def needs_fine_tune(cfg: TrainConfig) -> bool:
+    """Reduced-resolution training: the head is fine-tuned at the test resolution afterwards."""
+    return cfg.fine_tune_epochs > 0 and training_resolution(cfg) != native_resolution(cfg)
+
+
+def fine_tune_micro_batch(cfg: TrainConfig) -> int:
+    return cfg.fine_tune_batch_size or cfg.micro_batch_size
+
+
+def phase_batches(cfg: TrainConfig) -> list[tuple[int, int, str]]:
+    """(micro-batch, resolution, the option that sets the batch) of each training phase: the main
+    one, then the fine-tuning at the test resolution when there is one."""
+    phases = [(cfg.micro_batch_size, training_resolution(cfg), "--micro-batch-size")]
+    if needs_fine_tune(cfg):
+        phases.append((fine_tune_micro_batch(cfg), native_resolution(cfg), "--fine-tune-batch-size"))
+    return phases
 
 
 def global_batch_size(cfg: TrainConfig) -> int:
