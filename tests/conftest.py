@@ -26,17 +26,20 @@ def tiny_train_args(output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def file_size_limiter(limit: int | None):
+    """A preexec_fn for subprocess: the child's files may grow to `limit` bytes, then write() fails
+    (EFBIG; Python ignores SIGXFSZ), as on a full disk but for that process alone. None: no limit."""
+    if limit is None:
+        return None
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
 def run_cli(script: str, *args: str, timeout: float = 600, env: dict | None = None,
             file_size_limit: int | None = None) -> subprocess.CompletedProcess:
-    """`file_size_limit`: the child's files may grow to that many bytes, then write() fails (EFBIG;
-    Python ignores SIGXFSZ), as on a full disk but for that process alone."""
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-        preexec_fn=limit_file_size if file_size_limit is not None else None,
+        preexec_fn=file_size_limiter(file_size_limit),
     )
 
 

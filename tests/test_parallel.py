@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import run_train
-from conftest import ROOT, tiny_train_args
+from conftest import ROOT, file_size_limiter, tiny_train_args
 from training.checkpoint import list_checkpoints, load_checkpoint
 
 # no randomness beyond the data order: no dropout, drop-path or mixing; plain SGD
@@ -32,7 +31,7 @@ def torchrun(nproc: int, args: list[str], extra: list[str] | None = None, timeou
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
          *(extra or []), str(ROOT / "run_train.py"), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
-        preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit,) * 2)) if file_size_limit else None,
+        preexec_fn=file_size_limiter(file_size_limit),
     )
 
 
