@@ -8,10 +8,12 @@ checks the tests themselves where no GPU is at hand.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from test_models import TINY, assert_compiled_model_matches_eager
 from test_parallel import EXACT, assert_same_weights, epoch_record, final_weights, max_difference, torchrun
 
@@ -19,6 +21,8 @@ import run_benchmark
 import run_train
 from conftest import tiny_train_args
 from models import VARIANTS, create_model
+from parallel.context import Context
+from parallel.data_parallel import Runner, StepSettings
 
 ACCELERATOR = os.environ.get("TEST_ACCELERATOR", "cuda")
 pytestmark = pytest.mark.skipif(ACCELERATOR == "cuda" and not torch.cuda.is_available(),
@@ -114,6 +118,47 @@ def test_two_replicas_on_the_accelerator_equal_one_process(tmp_path: Path) -> No
                                          "--run-name", "ddp"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(final_weights(runs / "single"), final_weights(runs / "ddp"), atol=1e-5)
+
+
+def test_collectives_and_replicas_on_the_accelerators_backend(tmp_path: Path) -> None:
+    """The collectives of Context and a DDP step on the backend the accelerator uses, in a group of
+    one process (one GPU is enough): nccl takes only tensors on the GPU, so a collective given a
+    CPU tensor fails here where CI's gloo would not notice. One replica's all-reduce is the identity:
+    the DDP step's gradients equal the plain model's."""
+    device = torch.device("cuda:0" if ACCELERATOR == "cuda" else ACCELERATOR)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    try:
+        assert dist.get_backend() == backend
+        ctx = Context(replicas=2, device=device, distributed=True)  # replicas > 1: Runner wraps in DDP
+        assert ctx.all_reduce_sum([1.5, 2.0]) == [1.5, 2.0]
+        assert ctx.any_rank(True) and not ctx.any_rank(False)
+        assert ctx.broadcast_from_main([{"stop": "disk full"}, 3]) == [{"stop": "disk full"}, 3]
+        ctx.barrier()
+        result = ctx.reduce_eval(dict(images=4, top1=50.0, top5=100.0, loss=1.25, skipped=0))
+        assert result == dict(top1=50.0, top5=100.0, loss=1.25, images=4, skipped=0)
+
+        torch.manual_seed(0)
+        model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).to(device,
+                                                                                  memory_format=torch.channels_last)
+        reference = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).to(device,
+                                                                                      memory_format=torch.channels_last)
+        reference.load_state_dict(model.state_dict())
+        runner = Runner(model, ctx)
+        assert runner.ddp is not None
+        x = torch.randn(4, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        y = torch.tensor([0, 1, 2, 3], device=device)
+        settings = StepSettings(loss_fn=torch.nn.functional.cross_entropy,
+                                scaler=torch.amp.GradScaler(device.type, enabled=False), autocast=nullcontext,
+                                accumulation=1)
+        runner.micro_step(x, y, final=True, settings=settings)
+        torch.nn.functional.cross_entropy(reference(x), y).backward()
+        for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(param.grad, expected.grad, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_benchmark_runs_on_the_accelerator(capsys: pytest.CaptureFixture[str]) -> None:
