@@ -210,6 +210,19 @@ def test_compiled_rows_on_cpu_report_no_memory_or_operator_figure() -> None:
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("mode, measured", [("default", True), ("reduce-overhead", False), ("max-autotune", False)])
+def test_rows_with_cuda_graphs_report_no_memory_figure(mode: str, measured: bool, monkeypatch) -> None:
+    """On CUDA, a compiled row's memory is the allocator's peak during a step, except with CUDA graphs,
+    whose tensors were allocated in their pool before the step: that peak would leave them out."""
+    monkeypatch.setattr(run_benchmark, "peak_memory_bytes", lambda step, device: 4000)
+    args = run_benchmark.BenchmarkConfig(batch_size=2, num_classes=10)
+    row = run_benchmark.parse_row(f"{TINY_ROW}+compile+compile_mode={mode}")
+    row.compile, row.compile_mode = True, mode  # what resolving the row's config sets
+    prepared = run_benchmark.Prepared(row, lambda: None, gmacs=0.1, passes=1, times=[0.5])
+    result = run_benchmark.result_of(prepared, args, torch.device("cuda"))
+    assert result["peak_mb_per_image"] == (pytest.approx(4000 / 1e6 / 2) if measured else None)
+
+
 def _default_sigint() -> None:
     """In the child before exec: a shell's background job starts with SIGINT ignored, and Python then
     installs no KeyboardInterrupt handler. Ctrl-C at a terminal is what the test is about."""
