@@ -66,6 +66,11 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
 # layer on a 2-core CPU), applying it elementwise passes that grow with the tensor: measured per
 # MBConv block, training, forward and backward, the crossover is near 1M elements in fp32 and bf16
 # (docs/benchmarks.md A.3). Small micro-batches (the paper's IPU configs used 4-20 images) gain most.
+# On a GPU in eager mode nothing is folded: its training step waits on kernel launches (the GPU was
+# busy 32 % of a B0 LN+PN step on an H100), and the fold's small weight ops are more launches than
+# the elementwise passes they save; B0 LN+PN, 160 px, batch 128, fp32, trained 20 % faster unfolded
+# (docs/benchmarks.md C.8). Compiled, where launches are fused or replayed as CUDA graphs, the
+# folds stay, as they were measured there.
 FOLD_MIN_ELEMENTS = 1_000_000
 
 # Above this share of border positions, one in-place add over the whole output beats adding to the
@@ -199,15 +204,17 @@ class ConvNormAct(nn.Module):
     ) -> tuple[torch.Tensor, InputAffine | None]:
         """(a, affine) such that this layer's output is a·scale + shift, affine = (scale, shift).
 
-        With `fold` and a full Proxy Norm, on an output of at least FOLD_MIN_ELEMENTS, its
-        (φ(y) − μ̃)/σ̃ is left as an affine for the next conv to fold into its weights (two
-        elementwise passes fewer each way); otherwise it is applied here and affine is None.
+        With `fold` and a full Proxy Norm, on an output of at least FOLD_MIN_ELEMENTS (not on an
+        eager GPU), its (φ(y) − μ̃)/σ̃ is left as an affine for the next conv to fold into its
+        weights (two elementwise passes fewer each way); otherwise it is applied here and affine
+        is None.
         """
         norm_act = self.norm_act
         if not (fold and isinstance(norm_act, ProxyNormAct) and not norm_act.centre_only):
             return self(x, table, input_affine), None
         z = self.apply_conv(x, input_affine)
-        if z.numel() < FOLD_MIN_ELEMENTS:
+        launch_bound = z.device.type != "cpu" and not torch.compiler.is_compiling()
+        if z.numel() < FOLD_MIN_ELEMENTS or launch_bound:
             return norm_act(z, table), None
         activated, mean, inv_std = norm_act.forward_split(z, table)
         return activated, norm_act.owed_affine(mean, inv_std)
@@ -333,9 +340,10 @@ class MBConv(nn.Module):
             x, input_affine = apply_affine(x, *input_affine), None
         hidden, pending = x, input_affine
         if isinstance(self.expand, ConvNormAct):
-            # in training, the expansion's Proxy Norm goes into the spatial conv where its output is
-            # large (FOLD_MIN_ELEMENTS). Training only: the fold rescales the conv's weights on every
-            # call, which pays at training batch sizes; inference keeps the plain path
+            # in training (not on an eager GPU), the expansion's Proxy Norm goes into the spatial
+            # conv where its output is large (FOLD_MIN_ELEMENTS). Training only: the fold rescales
+            # the conv's weights on every call, which pays at training batch sizes; inference keeps
+            # the plain path
             hidden, pending = self.expand.forward_for_conv(hidden, table, pending, fold=self.training)
         gated, mean_term = self.se.forward_split(*self.spatial.forward_split(hidden, table, pending))
         projected = self.project.conv(gated)
@@ -423,7 +431,8 @@ class EfficientNet(nn.Module):
         return proxy_table(layers, self._proxy_table_cache) if layers else None
 
     def forward_trunk(self, x: torch.Tensor, table: ProxyTable | None) -> torch.Tensor:
-        """Stem and blocks. In training, the stem's Proxy Norm is folded into the first block's conv."""
+        """Stem and blocks. In training, the stem's Proxy Norm is folded into the first block's conv
+        (as in forward_for_conv: large outputs, not on an eager GPU)."""
         x, pending = self.stem.forward_for_conv(x, table, None, fold=self.training)
         for stage in self.blocks:
             for block in stage:

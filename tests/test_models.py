@@ -581,9 +581,11 @@ def test_model_with_folded_proxy_norm_matches_layer_by_layer_formula(training: b
 
 
 def test_proxy_norm_is_folded_exactly_where_the_output_reaches_the_threshold(monkeypatch) -> None:
-    """In training, a layer's Proxy Norm goes into the next conv only where its output has at least
-    FOLD_MIN_ELEMENTS elements (the fold's fixed cost pays off only on large tensors); elsewhere the
-    layer applies it itself and hands on no affine."""
+    """In training on a CPU, a layer's Proxy Norm goes into the next conv only where its output has
+    at least FOLD_MIN_ELEMENTS elements (the fold's fixed cost pays off only on large tensors);
+    elsewhere the layer applies it itself and hands on no affine. Off the CPU in eager mode (the meta
+    device stands in for a GPU, where the fold's extra launches cost more than they save) nothing
+    is folded."""
     model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).train()
     layers = [model.stem] + [b.expand for stage in model.blocks for b in stage if isinstance(b.expand, ConvNormAct)]
     x = torch.randn(2, 3, 64, 64)
@@ -599,10 +601,10 @@ def test_proxy_norm_is_folded_exactly_where_the_output_reaches_the_threshold(mon
 
     monkeypatch.setattr(ConvNormAct, "forward_for_conv", recording)
 
-    def folded(threshold: int) -> list[bool]:
+    def folded(threshold: int, device: str = "cpu") -> list[bool]:
         monkeypatch.setattr("models.efficientnet.FOLD_MIN_ELEMENTS", threshold)
         affines.clear()
-        model(x)
+        model.to(device)(x.to(device))
         return [affines[layer] is not None for layer in layers]
 
     assert all(folded(0)) and not any(folded(10**9))
@@ -610,6 +612,7 @@ def test_proxy_norm_is_folded_exactly_where_the_output_reaches_the_threshold(mon
     assert len(distinct) > 2
     threshold = distinct[len(distinct) // 2]
     assert folded(threshold) == [sizes[layer] >= threshold for layer in layers]
+    assert not any(folded(0, device="meta"))
 
 
 def _has_interior(size: int, kernel: int, stride: int) -> bool:
