@@ -66,9 +66,9 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
 # layer on a 2-core CPU), applying it elementwise passes that grow with the tensor: measured per
 # MBConv block, training, forward and backward, the crossover is near 1M elements in fp32 and bf16
 # (docs/benchmarks.md A.3). Small micro-batches (the paper's IPU configs used 4-20 images) gain most.
-# On a GPU in eager mode nothing is folded: its training step waits on kernel launches (the GPU was
-# busy 32 % of a B0 LN+PN step on an H100), and the fold's small weight ops are more launches than
-# the elementwise passes they save; B0 LN+PN, 160 px, batch 128, fp32, trained 20 % faster unfolded
+# On a GPU in eager mode nothing is folded: its training step waits on kernel launches (on an H100
+# the GPU was idle a third of a B0 LN+PN fp32 step), and the fold's small weight ops are more
+# launches than the elementwise passes they save; B0 LN+PN, 160 px, batch 128, fp32, trained 20 % faster unfolded
 # (docs/benchmarks.md C.8). Compiled, where launches are fused or replayed as CUDA graphs, the
 # folds stay, as they were measured there.
 FOLD_MIN_ELEMENTS = 1_000_000
