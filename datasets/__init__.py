@@ -26,6 +26,9 @@ VALIDATION_DIRS = ("validation", "val")
 def split_folder(root: Path, split: str) -> Path:
     """`root/train`, or `root/validation` / `root/val` for the validation split."""
     if not root.is_dir():
+        if root.exists():  # an archive or a file list given by mistake
+            raise DataError(f"data path {root} is a file, not a folder: give the folder that holds "
+                            f"train/ and validation/ (or val/)")
         raise DataError(f"data path not found: {root}")
     names = ("train",) if split == "train" else VALIDATION_DIRS
     for name in names:

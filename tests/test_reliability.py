@@ -352,6 +352,9 @@ def test_bad_image_files_are_counted_skips(tmp_path: Path) -> None:
 def test_missing_empty_and_mismatched_folders_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data path not found"):
         check_classes(tmp_path / "nowhere")
+    (tmp_path / "imagenet.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="data path .*imagenet.tar is a file, not a folder"):
+        check_classes(tmp_path / "imagenet.tar")
     flat = tmp_path / "flat"  # ImageNet's validation images as distributed: no class folders
     for split, name in (("train/cat", "a.JPEG"), ("val", "ILSVRC2012_val_00000001.JPEG")):
         (flat / split).mkdir(parents=True)
