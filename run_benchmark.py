@@ -49,6 +49,7 @@ from models.flops import count_macs
 from parallel.context import ParallelError, pick_device, tune_for_device
 from training.checkpoint import WriteError
 from training.config import (
+    MIN_RESOLUTION,
     ConfigError,
     TrainConfig,
     check_config,
@@ -109,6 +110,8 @@ def parse_row(spec: str) -> Row:
     name, _, res = head.partition("@")
     if res and not res.isdigit():
         raise ConfigError(f"row {spec!r}: resolution after @ must be an integer")
+    if res and int(res) < MIN_RESOLUTION:  # 0 would read as "not given", the config's resolution
+        raise ConfigError(f"row {spec!r}: resolution after @ must be at least {MIN_RESOLUTION} pixels")
     row = Row(spec, name, int(res) if res else 0)
     if name.startswith("timm:"):
         row.timm_model = name[5:]

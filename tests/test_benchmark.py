@@ -73,6 +73,8 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--threads", "-2"], "--threads must be at least 1"),
     (["--compare", "demo@abc"], "resolution after @ must be an integer"),
+    (["--compare", "demo@0"], "row 'demo@0': resolution after @ must be at least 16 pixels"),
+    (["--compare", "timm:efficientnet_b0@8"], "resolution after @ must be at least 16 pixels"),
     (["--compare", "demo+float8"], "unknown flag 'float8'"),
     # refused before the matmul peak is measured, not as a traceback when the row is built
     (["--compare", "demo", "no-such-config"], "unknown config 'no-such-config'"),
