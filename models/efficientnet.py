@@ -68,9 +68,9 @@ def conv_with_input_affine(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor
 # (docs/benchmarks.md A.3). Small micro-batches (the paper's IPU configs used 4-20 images) gain most.
 # On a GPU in eager mode nothing is folded: its training step waits on kernel launches (on an H100
 # the GPU was idle a third of a B0 LN+PN fp32 step), and the fold's small weight ops are more
-# launches than the elementwise passes they save; B0 LN+PN, 160 px, batch 128, fp32, trained 20 % faster unfolded
-# (docs/benchmarks.md C.8). Compiled, where launches are fused or replayed as CUDA graphs, the
-# folds stay, as they were measured there.
+# launches than the elementwise passes they save: B0 LN+PN, 160 px, batch 128, fp32 trained 20 %
+# faster unfolded (docs/benchmarks.md C.8). Compiled, where launches are fused or replayed as CUDA
+# graphs, the folds stay, as they were measured there.
 FOLD_MIN_ELEMENTS = 1_000_000
 
 # Above this share of border positions, one in-place add over the whole output beats adding to the
