@@ -15,7 +15,6 @@ import random
 import signal
 import sys
 import time
-import types
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,18 +385,17 @@ def fine_tune(cfg: TrainConfig, model: nn.Module, num_classes: int, resolution: 
     phase = make_fine_tune_phase(cfg, model, num_classes, len(train_set), ctx)
     scaler = make_scaler(cfg, ctx.device)
     runner = parallel.wrap(model, cfg, ctx)
-    never_stops = types.SimpleNamespace(code=0)  # no SignalStopper: there is no checkpoint to stop at
-    run_phase(cfg, ctx, phase, model, runner, scaler, train_set, None, Progress(phase="fine_tune"), None,
-              None, never_stops)
+    # no SignalStopper: there is no checkpoint to stop at
+    run_phase(cfg, ctx, phase, model, runner, scaler, train_set, None, Progress(phase="fine_tune"), None, None, None)
     for param in model.parameters():
         param.requires_grad_(True)
     model.eval()
 
 
 def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_loader, progress: Progress,
-              run_dir: Path | None, log, stopper) -> None:
+              run_dir: Path | None, log, stopper: SignalStopper | None) -> None:
     """Epochs of one phase, from wherever `progress` says the run is (checkpoints in `run_dir`;
-    None: none written)."""
+    None: none written; `stopper` None: signals are not caught)."""
     set_phase_preprocessing(train_set, cfg, phase)
     sampler = SeededSampler(len(train_set), cfg.seed + (1000 if phase.name == "fine_tune" else 0), True,
                             ctx.replica_rank, ctx.replicas)
@@ -506,9 +504,9 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             raise StopRequested(stop_code, path)
 
 
-def stop_requested(cfg: TrainConfig, ctx, stopper, progress: Progress) -> int:
+def stop_requested(cfg: TrainConfig, ctx, stopper: SignalStopper | None, progress: Progress) -> int:
     """Exit code to stop with (0: go on). Decided together by all ranks, so they stop at the same step."""
-    code = stopper.code or (143 if cfg.stop_after_steps and progress.step >= cfg.stop_after_steps else 0)
+    code = (stopper.code if stopper is not None else 0) or (143 if cfg.stop_after_steps and progress.step >= cfg.stop_after_steps else 0)
     if ctx.any_rank(code != 0):
         return code or 143
     return 0

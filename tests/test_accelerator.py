@@ -7,6 +7,7 @@ checks the tests themselves where no GPU is at hand.
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -158,9 +159,7 @@ def test_collectives_and_replicas_on_the_accelerators_backend(tmp_path: Path) ->
         torch.manual_seed(0)
         model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).to(device,
                                                                                   memory_format=torch.channels_last)
-        reference = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).to(device,
-                                                                                      memory_format=torch.channels_last)
-        reference.load_state_dict(model.state_dict())
+        reference = copy.deepcopy(model)
         runner = Runner(model, ctx)
         assert runner.ddp is not None
         x = torch.randn(4, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
