@@ -18,7 +18,15 @@ from torchvision.ops import StochasticDepth
 
 from .config import EfficientNetConfig, NormConfig, spatial_conv_groups
 from .norm_act import Role, make_norm_act
-from .proxy_norm import ProxyNormAct, ProxyTable, apply_affine, full_precision, proxy_table
+from .proxy_norm import (
+    ProxyNormAct,
+    ProxyTable,
+    apply_affine,
+    full_precision,
+    is_channels_last,
+    proxy_table,
+    ready_to_add,
+)
 
 InputAffine = tuple[torch.Tensor, torch.Tensor]  # per-channel (scale, shift) owed by a tensor
 
@@ -136,7 +144,7 @@ class AddAtBorder(torch.autograd.Function):
                       (middle, slice(0, left)), (middle, slice(width - right, width))]
             ctx.strips = [(h, w) for h, w in strips if out[:, :, h, w].numel()]
         ctx.correction_dtype = correction.dtype
-        if _is_channels_last(out):  # a broadcast add in a layout unlike out's takes a slow path
+        if is_channels_last(out):  # a broadcast add in a layout unlike out's takes a slow path
             correction = correction.contiguous(memory_format=torch.channels_last)
         for h, w in ctx.strips:  # add_ on the view: `+=` on an index would also copy the strip onto itself
             out[:, :, h, w].add_(correction[:, :, h, w])
@@ -233,7 +241,7 @@ class SpatialMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.shape = x.shape
-        ctx.memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        ctx.memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         return x.sum((2, 3), keepdim=True).div_(x.shape[2] * x.shape[3])
 
     @staticmethod
@@ -242,24 +250,15 @@ class SpatialMean(torch.autograd.Function):
         return (grad / count).expand(ctx.shape).contiguous(memory_format=ctx.memory_format)
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def subtract_per_sample(x: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
     """x − term for a term of shape N × C × 1 × 1, computed as x + (−term).
 
     The backward of x − term writes −grad in full before summing it over positions for the term;
-    the backward of x + (−term) sums grad itself and negates N × C values. On CPU the broadcast
-    add/sub of a bf16/fp16 channels_last tensor takes a scalar loop where C is not a multiple of
-    the vector width (B0's 16, 24, 40, 80, 112 channels: 3.9 against 0.3 ms on the first block at
-    160 px): there, the term is written out in x's layout first.
+    the backward of x + (−term) sums grad itself and negates N × C values. For bf16 channels_last
+    on CPU the term may need writing out first (`ready_to_add`): B0's projections have 16, 24,
+    40, 80 and 112 channels.
     """
-    negated = -term
-    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and _is_channels_last(x)
-            and not torch.compiler.is_compiling()):
-        negated = negated.expand_as(x).contiguous(memory_format=torch.channels_last)
-    return x + negated
+    return x + ready_to_add(x, -term)
 
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:

@@ -197,12 +197,31 @@ _ACTIVATION_BACKWARD = {
 }
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor stored NHWC (and not also NCHW, as tensors with C = 1 or H = W = 1 are)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def ready_to_add(x: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """`term` (1 × C × 1 × 1 or N × C × 1 × 1), in a form that adds to x fast.
+
+    On CPU, PyTorch adds such a broadcast term to a bf16/fp16 channels_last tensor in a scalar
+    loop unless C is a multiple of 32 (AVX-512, 32 × C × 80 × 80 bf16: 3.9 ms at C = 16, 1.4 at 48,
+    0.28 at 32). There the term is written out over the positions first, one sample's worth for a
+    per-channel term (0.28 ms at C = 48), x's whole shape for a per-sample one.
+    """
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 32
+            and is_channels_last(x) and not torch.compiler.is_compiling()):
+        return term.expand(term.shape[0], *x.shape[1:]).contiguous(memory_format=torch.channels_last)
+    return term
+
+
 def scale_shift_(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor:
     """x·scale + shift per channel (dimension 1), in place on x; scale None means 1."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if scale is not None:
         x.mul_(scale.to(x.dtype).view(shape))
-    return x.add_(shift.to(x.dtype).view(shape))
+    return x.add_(ready_to_add(x, shift.to(x.dtype).view(shape)))
 
 
 class ScaledShiftedActivation(torch.autograd.Function):

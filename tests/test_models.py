@@ -715,6 +715,28 @@ def test_subtract_per_sample_matches_the_broadcast_subtraction(memory_format, dt
     torch.testing.assert_close(grad_term.double(), -weights.sum((2, 3), keepdim=True), **tolerance)
 
 
+@pytest.mark.parametrize("channels", [24, 32, 48])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_per_channel_scale_shift_in_place_matches_the_broadcast_ops(memory_format, dtype, channels) -> None:
+    """Proxy Norm's in-place affine: bit for bit the plain broadcast ops, in x's memory and layout,
+    with the shift written out over positions only where the CPU's broadcast add is slow (bf16
+    channels_last, C not a multiple of 32), one sample's worth."""
+    from models.proxy_norm import ready_to_add, scale_shift_
+
+    torch.manual_seed(0)
+    x = torch.randn(3, channels, 5, 7).to(dtype).contiguous(memory_format=memory_format)
+    scale, shift = torch.rand(channels) + 0.5, torch.randn(channels)
+    expected = x * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)
+    out = scale_shift_(x.clone(memory_format=torch.preserve_format), scale, shift)
+    assert torch.equal(out, expected) and out.is_contiguous(memory_format=memory_format)
+    term = shift.to(dtype).view(1, -1, 1, 1)
+    written_out = dtype == torch.bfloat16 and memory_format == torch.channels_last and channels % 32 != 0
+    assert ready_to_add(x, term).shape == ((1, channels, 5, 7) if written_out else (1, channels, 1, 1))
+    per_sample = torch.randn(3, channels, 1, 1).to(dtype)
+    assert ready_to_add(x, per_sample).shape == (x.shape if written_out else per_sample.shape)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_spatial_mean_matches_mean_and_keeps_the_layout(memory_format) -> None:
     from models.efficientnet import spatial_mean
