@@ -728,8 +728,10 @@ def test_per_channel_scale_shift_in_place_matches_the_broadcast_ops(memory_forma
     x = torch.randn(3, channels, 5, 7).to(dtype).contiguous(memory_format=memory_format)
     scale, shift = torch.rand(channels) + 0.5, torch.randn(channels)
     expected = x * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)
-    out = scale_shift_(x.clone(memory_format=torch.preserve_format), scale, shift)
-    assert torch.equal(out, expected) and out.is_contiguous(memory_format=memory_format)
+    target = x.clone(memory_format=torch.preserve_format)
+    out = scale_shift_(target, scale, shift)
+    assert out.data_ptr() == target.data_ptr() and out.is_contiguous(memory_format=memory_format)
+    assert torch.equal(out, expected)
     term = shift.to(dtype).view(1, -1, 1, 1)
     written_out = dtype == torch.bfloat16 and memory_format == torch.channels_last and channels % 32 != 0
     assert ready_to_add(x, term).shape == ((1, channels, 5, 7) if written_out else (1, channels, 1, 1))
