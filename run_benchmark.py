@@ -109,7 +109,7 @@ def parse_row(spec: str) -> Row:
     head, *flags = spec.split("+")
     name, _, res = head.partition("@")
     if res and not res.isdigit():
-        raise ConfigError(f"row {spec!r}: resolution after @ must be an integer")
+        raise ConfigError(f"row {spec!r}: resolution after @ must be a positive whole number of pixels, got {res!r}")
     if res and int(res) < MIN_RESOLUTION:  # 0 would read as "not given", the config's resolution
         raise ConfigError(f"row {spec!r}: resolution after @ must be at least {MIN_RESOLUTION} pixels")
     row = Row(spec, name, int(res) if res else 0)

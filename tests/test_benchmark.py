@@ -72,7 +72,8 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--threads", "-2"], "--threads must be at least 1"),
-    (["--compare", "demo@abc"], "resolution after @ must be an integer"),
+    (["--compare", "demo@abc"], "resolution after @ must be a positive whole number of pixels, got 'abc'"),
+    (["--compare", "demo@-5"], "resolution after @ must be a positive whole number of pixels, got '-5'"),
     (["--compare", "demo@0"], "row 'demo@0': resolution after @ must be at least 16 pixels"),
     (["--compare", "timm:efficientnet_b0@8"], "resolution after @ must be at least 16 pixels"),
     (["--compare", "demo+float8"], "unknown flag 'float8'"),
