@@ -3,19 +3,23 @@ single-process run as the reference; and a worker killed under torchrun --max-re
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import run_train
 from conftest import ROOT, file_size_limiter, tiny_train_args
+from parallel.context import Context
 from training.checkpoint import list_checkpoints, load_checkpoint
 
 # no randomness beyond the data order: no dropout, drop-path or mixing; plain SGD
@@ -174,6 +178,29 @@ def test_a_full_disk_stops_every_replica_with_rank_0s_reason(runs: Path) -> None
     assert log.count(f"error: could not write {runs / 'full' / 'checkpoint-000000003-train-epoch0001.pt'}") == 1
     assert "Connection closed by peer" not in log and "[rank1]: Traceback" not in log, log
     assert "exitcode: 1" in log and "exitcode: -" not in log  # both ranks exited 1, none was killed
+
+
+def test_closing_frees_a_ddp_model_held_by_a_reference_cycle(tmp_path: Path) -> None:
+    """Context.close() frees what still holds the process group before destroying it: a DDP model
+    kept alive by a reference cycle (as an exception's traceback keeps a failed step's frames) was
+    otherwise freed at interpreter shutdown, where gloo's threads aborted the process."""
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    was_enabled = gc.isenabled()
+    gc.disable()  # no automatic collection in between: only close() may free the cycle
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        alive = weakref.ref(model)
+        cycle: dict = {"model": model}
+        cycle["self"] = cycle
+        del model, cycle
+        assert alive() is not None  # held by the cycle alone
+        Context(distributed=True).close()
+        assert alive() is None and not dist.is_initialized()
+    finally:
+        if was_enabled:
+            gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _worker_pids(marker: str, local_rank: str) -> list[int]:
