@@ -422,35 +422,58 @@ class EfficientNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def proxy_table(self) -> ProxyTable | None:
-        """All Proxy Norm moments of this forward pass, computed together (see `proxy_table`).
-        None without Proxy Norm, and under torch.compile, where each layer computes its own: with
-        the table, Inductor (PyTorch 2.14.1) got some layers' gradients wrong (docs/benchmarks.md
-        C.7; `test_compiled_model_matches_eager` checks it)."""
+    def units(self) -> list[tuple[str, nn.Module]]:
+        """The model as the sequence it runs: `stem`, each block (`blocks.I.J`), `head` and
+        `classifier` (the average pool before it has no parameters). A pipeline stage is a run of
+        consecutive units, computed by `forward_units`."""
+        units: list[tuple[str, nn.Module]] = [("stem", self.stem)]
+        for i, stage in enumerate(self.blocks):
+            units += [(f"blocks.{i}.{j}", block) for j, block in enumerate(stage)]
+        return units + [("head", self.head), ("classifier", self.classifier)]
+
+    def proxy_table(self, modules: list[nn.Module] | None = None, cache: dict | None = None) -> ProxyTable | None:
+        """The Proxy Norm moments of all layers in `modules` (default: the whole model), computed
+        together (see `proxy_table`). None without Proxy Norm, and under torch.compile, where each
+        layer computes its own: with the table, Inductor (PyTorch 2.14.1) got some layers'
+        gradients wrong (docs/benchmarks.md C.7; `test_compiled_model_matches_eager` checks it)."""
         if torch.compiler.is_compiling():
             return None
-        layers = [module for module in self.modules() if isinstance(module, ProxyNormAct)]
-        return proxy_table(layers, self._proxy_table_cache) if layers else None
+        layers = [layer for module in (modules if modules is not None else [self]) for layer in module.modules()
+                  if isinstance(layer, ProxyNormAct)]
+        return proxy_table(layers, cache) if layers else None
 
-    def forward_trunk(self, x: torch.Tensor, table: ProxyTable | None) -> torch.Tensor:
-        """Stem and blocks. In training, the stem's Proxy Norm is folded into the first block's conv
-        (as in forward_for_conv: large outputs, not on an eager GPU)."""
-        x, pending = self.stem.forward_for_conv(x, table, None, fold=self.training)
-        for stage in self.blocks:
-            for block in stage:
-                x, pending = block(x, table, pending), None
+    def forward_units(self, x: torch.Tensor, start: int = 0, stop: int | None = None,
+                      cache: dict | None = None) -> torch.Tensor:
+        """Units `start` to `stop` (exclusive) of `units()`, computed as the whole model computes
+        them: their Proxy Norm moments batched in one table; in training, the stem's Proxy Norm
+        folded into the first block's conv (large outputs, not on an eager GPU, as in
+        `forward_for_conv`) when that block follows in the run; and, when the classifier follows
+        the head, the head's Proxy Norm applied after the average pool (it is per channel, so it
+        commutes with the pool: N × C values instead of the N × C × H × W feature map). A run that
+        ends after the stem or the head ends with the unit's whole output. `cache`: see
+        `proxy_table`, for runs whose parameters it alone changes."""
+        units = self.units()[start:stop]
+        table = self.proxy_table([unit for _, unit in units], cache)
+        pending = head_affine = None  # a Proxy Norm owed by x: the stem's, the head's
+        for index, (_, unit) in enumerate(units):
+            followed = index + 1 < len(units)
+            if unit is self.stem:
+                x, pending = self.stem.forward_for_conv(x, table, None, fold=self.training and followed)
+            elif unit is self.head and followed:
+                x, mean, inv_std = self.head.forward_split(x, table)
+                head_affine = None if mean is None else self.head.norm_act.owed_affine(mean, inv_std)
+            elif unit is self.head:
+                x = self.head(x, table)
+            elif unit is self.classifier:
+                x = torch.flatten(self.pool(x), 1)
+                x = self.classifier(x if head_affine is None else apply_affine(x, *head_affine))
+            else:
+                x, pending = unit(x, table, pending), None
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        table = self.proxy_table()
-        return self.head(self.forward_trunk(x, table), table)
+        """The head's output, before pooling."""
+        return self.forward_units(x, stop=-1, cache=self._proxy_table_cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        table = self.proxy_table()
-        features, mean, inv_std = self.head.forward_split(self.forward_trunk(x, table), table)
-        pooled = torch.flatten(self.pool(features), 1)
-        if mean is not None:
-            # the head's Proxy Norm is per channel, so it commutes with the average pool: applied
-            # to N × C values instead of the N × C × H × W feature map
-            pooled = apply_affine(pooled, *self.head.norm_act.owed_affine(mean, inv_std))
-        return self.classifier(pooled)
+        return self.forward_units(x, cache=self._proxy_table_cache)

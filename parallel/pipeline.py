@@ -12,6 +12,10 @@ checkpoint loads into a single-process run and back.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,29 +25,9 @@ from .context import Context, ParallelError
 from .data_parallel import StepSettings
 
 
-class ClassifierUnit(nn.Module):
-    """pool → flatten → dropout → linear: the model's tail as one pipeline unit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.pool = model.pool
-        self.classifier = model.classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(x), 1))
-
-
-def pipeline_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model as a sequence of units a pipeline may be split between."""
-    units: list[tuple[str, nn.Module]] = [("stem", model.stem)]
-    for i, stage in enumerate(model.blocks):
-        units += [(f"blocks.{i}.{j}", block) for j, block in enumerate(stage)]
-    return units + [("head", model.head), ("classifier", ClassifierUnit(model))]
-
-
 def split_indices(model: nn.Module, splits: list[str]) -> list[int]:
     """Unit index where each stage after the first begins. `blocks.3` means `blocks.3.0`."""
-    names = [name for name, _ in pipeline_units(model)]
+    names = [name for name, _ in model.units()]
     indices = []
     for split in splits:
         name = f"{split}.0" if split.count(".") == 1 and split.startswith("blocks.") else split
@@ -61,23 +45,33 @@ def split_indices(model: nn.Module, splits: list[str]) -> list[int]:
 
 
 class StageModule(nn.Module):
-    """One pipeline stage's units. Activations cross between stages in the default (NCHW)
-    layout: point-to-point sends and receives need contiguous tensors (gloo refuses others), and
-    the receiving stage's buffers are made from what the sender's output looked like. A
-    channels_last model turns them back to channels_last on arrival."""
+    """One pipeline stage: units `start` to `stop` of the model (`EfficientNet.units`), computed by
+    the model's own `forward_units`, so a stage runs what the unsplit model runs (Proxy Norm's
+    batched moments and folds). It holds its units, so its parameters are the ones it owns.
+    Activations cross between stages in the default (NCHW) layout: point-to-point sends and
+    receives need contiguous tensors (gloo refuses others), and the receiving stage's buffers are
+    made from what the sender's output looked like. A channels_last model turns them back to
+    channels_last on arrival.
 
-    def __init__(self, units: list[tuple[str, nn.Module]], channels_last: bool = False) -> None:
+    `autocast` (a context factory the runner sets for each step) is entered here, around the
+    forward only. Around the schedule's step it would also cover the backward, which the engine
+    then runs under autocast: hand-written backwards meant to stay in fp32 (Proxy Norm's moments)
+    would run in bf16, and the gradients would differ from the unsplit model's."""
+
+    def __init__(self, model: nn.Module, start: int, stop: int, channels_last: bool = False) -> None:
         super().__init__()
+        units = model.units()[start:stop]
         self.unit_names = [name for name, _ in units]
         self.units = nn.ModuleList(module for _, module in units)
+        self.run_units = functools.partial(model.forward_units, start=start, stop=stop)  # not a submodule
         self.channels_last = channels_last
+        self.autocast: Callable[[], AbstractContextManager] = nullcontext
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
             x = ChannelsLastInside.apply(x)
-        for unit in self.units:
-            x = unit(x)
-        return x.contiguous()
+        with self.autocast():
+            return self.run_units(x).contiguous()
 
 
 class ChannelsLastInside(torch.autograd.Function):
@@ -100,9 +94,8 @@ class PipelineRunner:
                  channels_last: bool = False) -> None:
         self.model = model
         self.ctx = ctx
-        units = pipeline_units(model)
-        bounds = [0, *split_indices(model, splits), len(units)]
-        self.stage_module = StageModule(units[bounds[ctx.stage]: bounds[ctx.stage + 1]], channels_last)
+        bounds = [0, *split_indices(model, splits), len(model.units())]
+        self.stage_module = StageModule(model, bounds[ctx.stage], bounds[ctx.stage + 1], channels_last)
         owned = {id(t) for t in list(self.stage_module.parameters()) + list(self.stage_module.buffers())}
         self.owned_keys = {name for name, t in list(model.named_parameters()) + list(model.named_buffers())
                            if id(t) in owned}
@@ -120,6 +113,7 @@ class PipelineRunner:
         self.schedule_class = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         self.schedules: dict[int, object] = {}
         self.window: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.settings: StepSettings | None = None  # the current step's, for the schedule's loss
 
     @property
     def is_last(self) -> bool:
@@ -136,25 +130,30 @@ class PipelineRunner:
         if count == 0:
             return []
         if count not in self.schedules:
-            self.schedules[count] = self.schedule_class(self.stage, n_microbatches=count, loss_fn=settings.loss_fn,
+            self.schedules[count] = self.schedule_class(self.stage, n_microbatches=count, loss_fn=self._loss,
                                                         scale_grads=True)
         schedule = self.schedules[count]
         losses: list[torch.Tensor] = []
-        with settings.autocast():
-            if self.ctx.stage == 0:
-                schedule.step(arg_mbs=[(x,) for x, _ in window])
-                outputs = None
-            elif self.is_last:
-                outputs = schedule.step(target_mbs=[t for _, t in window], losses=losses)
-            else:
-                schedule.step()
-                outputs = None
+        # autocast covers the forward passes and the loss, not the backward (see StageModule)
+        self.settings, self.stage_module.autocast = settings, settings.autocast
+        if self.ctx.stage == 0:
+            schedule.step(arg_mbs=[(x,) for x, _ in window])
+            outputs = None
+        elif self.is_last:
+            outputs = schedule.step(target_mbs=[t for _, t in window], losses=losses)
+        else:
+            schedule.step()
+            outputs = None
         self._all_reduce_stage_gradients()
         if not self.is_last:
             return []
         # the schedule scales gradients by 1/count itself; report the plain per-micro-batch losses
         logits = outputs.detach().split([x.shape[0] for x, _ in window])
         return [(loss.detach(), out, t) for loss, out, (_, t) in zip(losses, logits, window)]
+
+    def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with self.settings.autocast():
+            return self.settings.loss_fn(output, target)
 
     def _all_reduce_stage_gradients(self) -> None:
         if self.ctx.replicas == 1:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.efficientnet import ConvNormAct, EfficientNet, MBConv, SqueezeExcite  # noqa: E402
-from models.proxy_norm import ProxyNormAct, apply_affine, proxy_table  # noqa: E402
+from models.proxy_norm import ProxyNormAct, apply_affine  # noqa: E402
 from parallel.context import ParallelError, pick_device, tune_for_device  # noqa: E402
 from run_benchmark import BenchmarkConfig, parse_row, prepare_row  # noqa: E402
 from training.host_memory import retain_freed_memory  # noqa: E402
@@ -63,11 +63,11 @@ def unfolded_block_forward(self: MBConv, x: torch.Tensor, table=None, input_affi
     return self.drop_path(out) + x if self.has_residual else out
 
 
-def constant_table(self: EfficientNet):
+def constant_table(self: EfficientNet, modules=None, cache=None):
     """The moment table without its gradient: no backward through the moments or the small
     per-layer ops that use them (timing only: Proxy Norm's parameters then learn nothing)."""
     with torch.no_grad():
-        return ORIGINAL_TABLE(self)
+        return ORIGINAL_TABLE(self, modules, cache)
 
 
 def se_without_proxy_terms(self: SqueezeExcite, x, mean=None, inv_std=None):
@@ -80,10 +80,9 @@ def never_fold(self: ConvNormAct, x, table, input_affine, fold):
     return ORIGINAL_FOR_CONV(self, x, table, input_affine, False)
 
 
-def uncached_table(self: EfficientNet):
+def uncached_table(self: EfficientNet, modules=None, cache=None):
     """The moments computed on every forward, as before they were reused in inference."""
-    layers = [module for module in self.modules() if isinstance(module, ProxyNormAct)]
-    return proxy_table(layers) if layers else None
+    return ORIGINAL_TABLE(self, modules, None)
 
 
 ORIGINAL_TABLE, ORIGINAL_SE = EfficientNet.proxy_table, SqueezeExcite.forward_split

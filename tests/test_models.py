@@ -580,6 +580,40 @@ def test_model_with_folded_proxy_norm_matches_layer_by_layer_formula(training: b
     torch.testing.assert_close(model.classifier(features.mean((2, 3))), reference)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_runs_of_units_compose_to_the_whole_model(training: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline stage is a run of consecutive units (`forward_units`). Cut after the stem (whose
+    Proxy Norm the whole model folds into the next conv), mid-blocks, after the head (whose
+    centring the whole model applies after the pool) or before the classifier, the runs chained
+    give the whole model's output and gradients, and each run's Proxy Norm moments reach only its
+    own units' parameters (a stage owns only those)."""
+    monkeypatch.setattr("models.efficientnet.FOLD_MIN_ELEMENTS", 0)  # fold whatever the size
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).double().train(training)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm_act" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out = model(x)
+    weights = torch.randn_like(out)
+    params = list(model.parameters())
+    grads = torch.autograd.grad((out * weights).sum(), params)
+    names = [name for name, _ in model.units()]
+    for cut in (1, names.index("blocks.2.0"), names.index("head"), names.index("classifier")):
+        first = model.forward_units(x, stop=cut)
+        features = first.detach().requires_grad_()
+        chained = model.forward_units(features, start=cut)
+        torch.testing.assert_close(chained, out, msg=f"cut before {names[cut]}")
+        second_grads = torch.autograd.grad((chained * weights).sum(), [features, *params], allow_unused=True)
+        owned_by_first = {id(p) for _, unit in model.units()[:cut] for p in unit.parameters()}
+        first_grads = torch.autograd.grad(first, params, second_grads[0], allow_unused=True)
+        for (name, p), whole, a, b in zip(model.named_parameters(), grads, first_grads, second_grads[1:]):
+            assert (a is None) == (id(p) not in owned_by_first), name
+            assert (b is None) == (id(p) in owned_by_first), name
+            torch.testing.assert_close(a if b is None else b, whole, msg=f"{name}, cut before {names[cut]}")
+
+
 def test_proxy_norm_is_folded_exactly_where_the_output_reaches_the_threshold(monkeypatch) -> None:
     """In training on a CPU, a layer's Proxy Norm goes into the next conv only where its output has
     at least FOLD_MIN_ELEMENTS elements (the fold's fixed cost pays off only on large tensors);
