@@ -551,6 +551,18 @@ def _reference_model_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.T
     return model.classifier(features.mean((2, 3)))
 
 
+def _lnpn_model_away_from_init(name: str, training: bool) -> torch.nn.Module:
+    """A tiny float64 G16-LN+PN model whose norm and Proxy Norm parameters are moved off their
+    initial values (1 and 0), where some terms would vanish and hide mistakes."""
+    torch.manual_seed(0)
+    model = create_model(name, **VARIANTS["g16-lnpn"], **TINY).double().train(training)
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if "norm_act" in param_name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("fold_min_elements", [0, None, 3_000])
 def test_model_with_folded_proxy_norm_matches_layer_by_layer_formula(training: bool, fold_min_elements,
@@ -561,12 +573,7 @@ def test_model_with_folded_proxy_norm_matches_layer_by_layer_formula(training: b
     (0), with the default threshold (None: at this size none is), and with some folded and some not."""
     if fold_min_elements is not None:
         monkeypatch.setattr("models.efficientnet.FOLD_MIN_ELEMENTS", fold_min_elements)
-    torch.manual_seed(0)
-    model = create_model("efficientnet-b1", **VARIANTS["g16-lnpn"], **TINY).double().train(training)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm_act" in name:
-                p.add_(0.2 * torch.randn_like(p))
+    model = _lnpn_model_away_from_init("efficientnet-b1", training)
     x = torch.randn(2, 3, 36, 36, dtype=torch.float64)
     out = model(x)
     weights = torch.randn_like(out)
@@ -588,12 +595,7 @@ def test_runs_of_units_compose_to_the_whole_model(training: bool, monkeypatch: p
     give the whole model's output and gradients, and each run's Proxy Norm moments reach only its
     own units' parameters (a stage owns only those)."""
     monkeypatch.setattr("models.efficientnet.FOLD_MIN_ELEMENTS", 0)  # fold whatever the size
-    torch.manual_seed(0)
-    model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).double().train(training)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm_act" in name:
-                p.add_(0.2 * torch.randn_like(p))
+    model = _lnpn_model_away_from_init("efficientnet-b0", training)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     out = model(x)
     weights = torch.randn_like(out)
