@@ -506,7 +506,9 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
 
 def stop_requested(cfg: TrainConfig, ctx, stopper: SignalStopper | None, progress: Progress) -> int:
     """Exit code to stop with (0: go on). Decided together by all ranks, so they stop at the same step."""
-    code = (stopper.code if stopper is not None else 0) or (143 if cfg.stop_after_steps and progress.step >= cfg.stop_after_steps else 0)
+    code = stopper.code if stopper is not None else 0
+    if not code and cfg.stop_after_steps and progress.step >= cfg.stop_after_steps:
+        code = 143
     if ctx.any_rank(code != 0):
         return code or 143
     return 0

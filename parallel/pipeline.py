@@ -60,9 +60,7 @@ class StageModule(nn.Module):
 
     def __init__(self, model: nn.Module, start: int, stop: int, channels_last: bool = False) -> None:
         super().__init__()
-        units = model.units()[start:stop]
-        self.unit_names = [name for name, _ in units]
-        self.units = nn.ModuleList(module for _, module in units)
+        self.units = nn.ModuleList(module for _, module in model.units()[start:stop])
         self.run_units = functools.partial(model.forward_units, start=start, stop=stop)  # not a submodule
         self.channels_last = channels_last
         self.autocast: Callable[[], AbstractContextManager] = nullcontext
