@@ -252,9 +252,8 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     if num_classes < len(val_set.classes):  # the labels of the last folders would be out of the classifier's range
         raise ConfigError(f"--num-classes {num_classes} is fewer than the {len(val_set.classes)} classes of the data: "
                           f"leave it out to use one output per class folder")
-    val_loader = make_loader(val_set, cfg.micro_batch_size, SeededSampler(len(val_set), cfg.seed, False,
-                                                                            ctx.replica_rank, ctx.replicas), cfg.workers,
-                             device=device)
+    val_sampler = SeededSampler(len(val_set), cfg.seed, False, ctx.replica_rank, ctx.replicas, pad=False)
+    val_loader = make_loader(val_set, cfg.micro_batch_size, val_sampler, cfg.workers, device=device)
     train_set = open_dataset(cfg, "train", training_resolution(cfg))
     # each phase's batch against the data, before anything is written (fine-tuning comes after hours of training)
     for batch, _, option in phase_batches(cfg):

@@ -11,12 +11,15 @@ class SeededSampler(torch.utils.data.Sampler):
     """Yields (index, seed) pairs: a permutation fixed by (seed, epoch), this rank's share of it,
     and a per-sample seed, so augmentations do not depend on worker count or on resuming.
 
-    With `world_size` ranks every sample is seen once per epoch across ranks (the permutation is
-    padded by repeating its start when it does not divide, as DistributedSampler does).
+    With `world_size` ranks every sample is seen once per epoch across ranks. For training, the
+    permutation is padded by repeating its start when it does not divide, as DistributedSampler
+    does, so that every rank runs the same number of steps. For evaluation (`pad=False`) the
+    shards differ by at most one sample instead: a repeated sample would be counted twice.
     `start` skips the first batches of an epoch when resuming mid-epoch.
     """
 
-    def __init__(self, length: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, length: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 pad: bool = True) -> None:
         if length < 1:
             raise ValueError("cannot sample from an empty dataset")
         self.length = length
@@ -26,7 +29,8 @@ class SeededSampler(torch.utils.data.Sampler):
         self.world_size = world_size
         self.epoch = 0
         self.start = 0
-        self.per_rank = -(-length // world_size)
+        self.total = -(-length // world_size) * world_size if pad else length
+        self.per_rank = len(range(rank, self.total, world_size))
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch = epoch
@@ -38,10 +42,9 @@ class SeededSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.length, generator=generator) if self.shuffle else torch.arange(self.length)
-        total = self.per_rank * self.world_size
-        if total > self.length:
-            order = torch.cat([order, order[: total - self.length]])
-        seeds = torch.randint(2**62, (total,), generator=generator)
-        mine = range(self.rank, total, self.world_size)
+        if self.total > self.length:
+            order = torch.cat([order, order[: self.total - self.length]])
+        seeds = torch.randint(2**62, (self.total,), generator=generator)
+        mine = range(self.rank, self.total, self.world_size)
         for position in list(mine)[self.start :]:
             yield int(order[position]), int(seeds[position])

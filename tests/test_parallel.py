@@ -69,6 +69,11 @@ def test_two_replicas_equal_one_process_with_double_batch(runs: Path) -> None:
                                          "--run-name", "ddp"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(final_weights(runs / "single"), final_weights(runs / "ddp"), atol=1e-5)
+    # validation over the replicas' shards scores each of the 355 images once, as one process does
+    single_final, ddp_final = (json.loads((runs / n / "final.json").read_text()) for n in ("single", "ddp"))
+    assert ddp_final["images"] == single_final["images"] == 355
+    assert ddp_final["top1"] == pytest.approx(single_final["top1"], abs=1e-9)
+    assert ddp_final["loss"] == pytest.approx(single_final["loss"], abs=1e-4)
     # only rank 0 wrote: one set of metrics lines
     epochs = [line for line in (runs / "ddp" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line]
     assert len(epochs) == 1

@@ -495,6 +495,26 @@ def test_retained_host_memory_is_reused_without_page_faults() -> None:
     assert faults["retain"]["fewest"] <= 100 and faults["retain"]["total"] < faults["return"]["total"] / 4, faults
 
 
+@pytest.mark.parametrize("length, world_size", [(10, 1), (10, 3), (355, 2), (7, 4), (2, 3)])
+def test_sampler_shards_cover_every_sample(length: int, world_size: int) -> None:
+    from datasets import SeededSampler
+
+    def shards(**kwargs) -> list[list[int]]:
+        return [[index for index, _ in SeededSampler(length, 5, rank=rank, world_size=world_size, **kwargs)]
+                for rank in range(world_size)]
+
+    # training: equal shards (every rank runs the same steps), padded by repeating the permutation's start
+    padded = shards()
+    assert len({len(shard) for shard in padded}) == 1 and len(padded[0]) == math.ceil(length / world_size)
+    assert sorted(set(sum(padded, []))) == list(range(length))
+    # evaluation: each sample exactly once, shards within one sample of each other, lengths as iterated
+    exact = shards(shuffle=False, pad=False)
+    assert sorted(sum(exact, [])) == list(range(length))
+    assert max(map(len, exact)) - min(map(len, exact)) <= 1
+    assert [len(SeededSampler(length, 5, rank=r, world_size=world_size, pad=False)) for r in range(world_size)] == \
+        list(map(len, exact))
+
+
 def test_loaders_pin_host_memory_only_for_a_cuda_device() -> None:
     from datasets import SeededSampler, make_loader
 
