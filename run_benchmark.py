@@ -88,7 +88,7 @@ class BenchmarkConfig:
     jpegs: int = 64  # images to generate when no --data-path
     resolution: int = 160  # training crop for the data mode
     workers: int = 1  # DataLoader workers for the data mode
-    draft: bool = True  # reduced-size JPEG decoding before the crop
+    draft: bool = True  # JPEGs decoded at a reduced scale where the crop keeps enough pixels
 
 
 @dataclass
@@ -354,12 +354,15 @@ def loader_root(data_path: str) -> Path:
 
 
 def benchmark_loader(args: BenchmarkConfig) -> dict:
-    from datasets import ImageFolderDataset, SeededSampler, make_loader, train_transform
+    from datasets import ImageFolderDataset, RandomCropDecoder, SeededSampler, load_image, make_loader, train_transform
 
     with tempfile.TemporaryDirectory(prefix="jpegs-") as scratch:
         root = loader_root(args.data_path) if args.data_path else make_jpegs(Path(scratch), args.jpegs) / "train"
-        dataset = ImageFolderDataset(root, train_transform(args.resolution),
-                                     draft_short_side=args.resolution if args.draft else None)
+        if args.draft:  # as training does: the crop chosen first, then decoded at a reduced scale if it allows
+            dataset = ImageFolderDataset(root, train_transform(args.resolution, crop=False),
+                                         decode=RandomCropDecoder(args.resolution))
+        else:
+            dataset = ImageFolderDataset(root, train_transform(args.resolution), decode=load_image)
         loader = make_loader(dataset, args.batch_size, SeededSampler(len(dataset), 0), args.workers)
         for _ in loader:  # warm-up epoch: worker start-up and file cache
             break

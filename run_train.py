@@ -8,6 +8,7 @@ validate. `--list-configs` lists the named configs; every option is in `--help`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -27,6 +28,7 @@ from tqdm import tqdm
 import parallel
 from datasets import (
     DataError,
+    RandomCropDecoder,
     SeededSampler,
     batch_bytes,
     check_classes,
@@ -34,6 +36,7 @@ from datasets import (
     data_root,
     eval_resize_size,
     eval_transform,
+    load_image,
     make_loader,
     train_transform,
 )
@@ -615,13 +618,15 @@ def restore(state: dict, model: nn.Module, phase: Phase, scaler) -> None:
 
 
 def set_phase_preprocessing(train_set, cfg: TrainConfig, phase: Phase) -> None:
-    """Training crops for the main phase; test-time crops (at the test resolution) for fine-tuning."""
+    """Training crops for the main phase; test-time crops (at the test resolution) for fine-tuning.
+    JPEGs are decoded at a reduced scale where the image or crop keeps enough pixels for the output."""
     if phase.test_preprocessing:
         set_preprocessing(train_set, phase.resolution, eval_transform(phase.resolution, cfg.crop_pct),
-                          eval_resize_size(phase.resolution, cfg.crop_pct))
+                          functools.partial(load_image, min_short_side=eval_resize_size(phase.resolution, cfg.crop_pct)))
     else:
         set_preprocessing(train_set, phase.resolution,
-                          train_transform(phase.resolution, cfg.min_crop_area, cfg.hflip), phase.resolution)
+                          train_transform(phase.resolution, cfg.min_crop_area, cfg.hflip, crop=False),
+                          RandomCropDecoder(phase.resolution, cfg.min_crop_area))
 
 
 def steps_per_epoch(cfg: TrainConfig, dataset_length: int, micro_batch: int, ctx: parallel.Context,

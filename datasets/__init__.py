@@ -13,10 +13,10 @@ import torch
 
 from . import shared_memory
 from .generated import GeneratedDataset
-from .image_folder import DataError, ImageFolderDataset, Skipped, find_classes
+from .image_folder import DataError, ImageFolderDataset, Skipped, find_classes, load_image
 from .sampler import SeededSampler
 from .shared_memory import batch_bytes, check_shared_memory
-from .transforms import eval_resize_size, eval_transform, train_transform
+from .transforms import RandomCropDecoder, eval_resize_size, eval_transform, train_transform
 
 DEMO_ROOT = Path(__file__).resolve().parent / "demo_data"
 DATA_KINDS = ("imagenet", "generated", "demo")
@@ -74,13 +74,12 @@ def open_split(
     resolution: int = 224,
     num_classes: int = 1000,
     generated_size: int = 1024,
-    draft_short_side: int | None = None,
 ) -> torch.utils.data.Dataset:
     if kind == "generated":
         return GeneratedDataset(generated_size, resolution, num_classes, seed=0 if split == "train" else 1)
     root = data_root(kind, data_path)
     classes = check_classes(root)
-    dataset = ImageFolderDataset(split_folder(root, split), transform, classes, strict, draft_short_side)
+    dataset = ImageFolderDataset(split_folder(root, split), transform, classes, strict)
     if split == "train":  # a class without training images would be learned as never occurring
         found = {label for _, label in dataset.samples}
         empty = [name for label, name in enumerate(classes) if label not in found]
@@ -133,6 +132,7 @@ __all__ = [
     "DataError",
     "GeneratedDataset",
     "ImageFolderDataset",
+    "RandomCropDecoder",
     "SeededSampler",
     "Skipped",
     "batch_bytes",
@@ -142,6 +142,7 @@ __all__ = [
     "data_root",
     "eval_resize_size",
     "eval_transform",
+    "load_image",
     "make_loader",
     "open_split",
     "train_transform",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,18 +75,38 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str, min_short_side: int | None = None) -> Image.Image:
-    """Decode one file to RGB. JPEGs are decoded at reduced size (draft mode) when a short side of
-    `min_short_side` is enough: far less decoding work for the same crop."""
+UNDECODABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+@contextmanager
+def open_image(path: str) -> Iterator[Image.Image]:
+    """The file opened: its header read, its pixels not yet decoded. A decompression bomb raises."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            if min_short_side and image.format == "JPEG":
-                scale = min(image.size) / min_short_side
-                if scale >= 2:
-                    image.draft("RGB", (int(image.size[0] / scale) + 1, int(image.size[1] / scale) + 1))
-            image.load()
-            return to_rgb(image)
+            yield image
+
+
+def draft_jpeg(image: Image.Image, reduction: float) -> int:
+    """Ask an opened JPEG to decode at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling: far less
+    work), the largest of these not above `reduction`. Returns the scale it will decode at (1: full)."""
+    if image.format != "JPEG" or reduction < 2:
+        return 1
+    scale = next(s for s in (8, 4, 2) if s <= reduction)
+    width, height = image.size
+    drafted = image.draft("RGB", (max(width // scale, 1), max(height // scale, 1)))
+    return round(width / drafted[1][2]) if drafted else 1  # its box: the full size in decoded pixels
+
+
+def load_image(path: str, min_short_side: int | None = None) -> Image.Image:
+    """Decode one file to RGB. JPEGs are decoded at reduced size (draft mode) when a short side of
+    `min_short_side` is enough: far less decoding work for the same resized image. Right for test
+    preprocessing, which resizes the whole image; a random crop needs `RandomCropDecoder`."""
+    with open_image(path) as image:
+        if min_short_side:
+            draft_jpeg(image, min(image.size) / min_short_side)
+        image.load()
+        return to_rgb(image)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -97,14 +118,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         transform: Callable[[Image.Image], torch.Tensor],
         classes: list[str] | None = None,
         strict: bool = False,
-        draft_short_side: int | None = None,
+        decode: Callable[[str], Image.Image] = load_image,
     ) -> None:
         self.root = Path(root)
         self.classes = classes if classes is not None else find_classes(self.root)
         self.samples, self.ignored_files = list_samples(self.root, self.classes)
         self.transform = transform
         self.strict = strict
-        self.draft_short_side = draft_short_side
+        self.decode = decode  # path -> RGB image: `load_image` (or a partial of it), `RandomCropDecoder`
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -112,20 +133,23 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | Skipped:
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
-        try:
-            image = load_image(path, self.draft_short_side)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            if self.strict:
-                raise DataError(f"cannot decode image {path}: {error}") from None
-            return Skipped(path, f"{type(error).__name__}: {error}")
-        return apply_seeded(self.transform, image, seed), label
+        with seeded(seed):  # the decoder may draw the crop, the transform the rest
+            try:
+                image = self.decode(path)
+            except UNDECODABLE as error:
+                if self.strict:
+                    raise DataError(f"cannot decode image {path}: {error}") from None
+                return Skipped(path, f"{type(error).__name__}: {error}")
+            return self.transform(image), label
 
 
-def apply_seeded(transform: Callable, item: object, seed: int | None) -> torch.Tensor:
-    """Run a random transform under its own seed, leaving the caller's RNG untouched, so a
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Random transforms inside run under their own seed, leaving the caller's RNG untouched, so a
     sample's augmentation depends only on (run seed, epoch, position): exact resumes."""
     if seed is None:
-        return transform(item)
+        yield
+        return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return transform(item)
+        yield

@@ -25,6 +25,7 @@ from conftest import ROOT, run_cli, tiny_train_args
 from datasets import (
     DataError,
     ImageFolderDataset,
+    RandomCropDecoder,
     SeededSampler,
     batch_bytes,
     check_classes,
@@ -347,6 +348,12 @@ def test_bad_image_files_are_counted_skips(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot decode image .*zero.jpg"):
         strict[[Path(p).name for p, _ in strict.samples].index("zero.jpg")]
     assert load_image(str(folder / "ok.jpg")).size == (40, 30)
+    # training's decoder, which chooses the crop from the header first, skips the same files
+    cropping = ImageFolderDataset(root, lambda image: image, decode=RandomCropDecoder(16))
+    results = {Path(path).name: cropping[(i, i)] for i, (path, _) in enumerate(cropping.samples)}
+    assert {name for name, result in results.items() if isinstance(result, Skipped)} == \
+        {"zero.jpg", "truncated.jpg", "corrupt.png", "bomb.png"}
+    assert all(result[0].mode == "RGB" for result in results.values() if not isinstance(result, Skipped))
 
 
 def test_missing_empty_and_mismatched_folders_are_clear_errors(tmp_path: Path) -> None:

@@ -515,6 +515,66 @@ def test_sampler_shards_cover_every_sample(length: int, world_size: int) -> None
         list(map(len, exact))
 
 
+def _jpeg_with_fine_detail(path: Path, width: int, height: int) -> Path:
+    """Smooth colour fields plus a grating of period 3 px: a crop keeps the grating only if it is
+    decoded with enough pixels (at half scale its period is 1.5 px, beyond what the pixels hold)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width]
+    smooth = sum(np.sin(x * rng.uniform(0.002, 0.02) + rng.uniform(0, 6)) *
+                 np.cos(y * rng.uniform(0.002, 0.02) + rng.uniform(0, 6)) for _ in range(4))
+    grating = np.sin(2 * np.pi * x / 3) * np.sin(2 * np.pi * y / 3)
+    pixels = 128 + 40 * smooth[..., None] * np.array([1.0, 0.6, -0.8]) + 50 * grating[..., None]
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=95)
+    return path
+
+
+def test_crop_decoder_draws_and_crops_as_random_resized_crop(tmp_path: Path) -> None:
+    from datasets import DEMO_ROOT, RandomCropDecoder, load_image, train_transform
+    from datasets.image_folder import seeded
+
+    # PNGs, and at 96 px a JPEG whose crops are all under twice the resolution: nothing is decoded at reduced scale
+    pngs = [str(p) for p in sorted((DEMO_ROOT / "train").glob("*/*.png"))[:6]]
+    jpeg = str(_jpeg_with_fine_detail(tmp_path / "small.jpg", 200, 150))
+    for resolution, paths in ((24, pngs), (96, [*pngs, jpeg])):
+        whole = train_transform(resolution, 0.1)
+        after_crop, decode = train_transform(resolution, 0.1, crop=False), RandomCropDecoder(resolution, 0.1)
+        for path in paths:
+            for seed in range(4):
+                with seeded(seed):
+                    expected = whole(load_image(path))
+                with seeded(seed):
+                    assert torch.equal(after_crop(decode(path)), expected), (path, resolution, seed)
+
+
+def test_crop_decoder_decodes_at_reduced_scale_only_where_the_crop_keeps_its_detail(tmp_path: Path) -> None:
+    from datasets import RandomCropDecoder, load_image, train_transform
+    from datasets.image_folder import seeded
+
+    path = str(_jpeg_with_fine_detail(tmp_path / "photo.jpg", 512, 384))
+    resolution = 128
+    whole = train_transform(resolution, 0.05)
+    after_crop, decode = train_transform(resolution, 0.05, crop=False), RandomCropDecoder(resolution, 0.05)
+    errors, reduced = [], 0
+    for seed in range(40):
+        with seeded(seed):
+            expected = whole(load_image(path))
+        with seeded(seed):
+            got = after_crop(decode(path))
+        reduced += not torch.equal(got, expected)
+        errors.append(float((got - expected).abs().mean()))
+    # crops of at least 256 px were decoded at half scale, the rest in full, and every crop kept its
+    # grating: decoding the whole image at half scale first (its short side, 192 px, still covers
+    # the resolution) gives crops under 256 px a mean error of up to 0.22 here
+    assert 10 <= reduced <= 30, reduced
+    assert max(errors) < 0.08, max(errors)
+    # test preprocessing resizes the whole image: there, a short side of at least the resize is enough
+    assert load_image(path, min_short_side=150).size == (256, 192)
+    assert load_image(path, min_short_side=200).size == (512, 384)
+
+
 def test_loaders_pin_host_memory_only_for_a_cuda_device() -> None:
     from datasets import SeededSampler, make_loader
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from PIL import Image
 
-from datasets import GeneratedDataset, open_split
+from datasets import GeneratedDataset, load_image, open_split
 
 from .config import TrainConfig
 
@@ -21,10 +22,10 @@ def open_dataset(cfg: TrainConfig, split: str, resolution: int,
 
 
 def set_preprocessing(dataset: torch.utils.data.Dataset, resolution: int, transform: Callable,
-                      draft_short_side: int | None = None) -> None:
-    """Images: this transform (and JPEG draft size). Generated data: tensors at this resolution."""
+                      decode: Callable[[str], Image.Image] = load_image) -> None:
+    """Images: this decoder and transform. Generated data: tensors at this resolution."""
     if isinstance(dataset, GeneratedDataset):
         dataset.resolution = resolution
     else:
         dataset.transform = transform
-        dataset.draft_short_side = draft_short_side
+        dataset.decode = decode
