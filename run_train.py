@@ -8,7 +8,6 @@ validate. `--list-configs` lists the named configs; every option is in `--help`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import json
 import math
@@ -34,9 +33,7 @@ from datasets import (
     check_classes,
     check_shared_memory,
     data_root,
-    eval_resize_size,
     eval_transform,
-    load_image,
     make_loader,
     train_transform,
 )
@@ -618,11 +615,11 @@ def restore(state: dict, model: nn.Module, phase: Phase, scaler) -> None:
 
 
 def set_phase_preprocessing(train_set, cfg: TrainConfig, phase: Phase) -> None:
-    """Training crops for the main phase; test-time crops (at the test resolution) for fine-tuning.
-    JPEGs are decoded at a reduced scale where the image or crop keeps enough pixels for the output."""
+    """Training crops for the main phase (JPEGs decoded at a reduced scale where the crop keeps its
+    output's pixels); for fine-tuning, the validation images' preprocessing at the test resolution,
+    full decode included, so that it trains on exactly what will be tested."""
     if phase.test_preprocessing:
-        set_preprocessing(train_set, phase.resolution, eval_transform(phase.resolution, cfg.crop_pct),
-                          functools.partial(load_image, min_short_side=eval_resize_size(phase.resolution, cfg.crop_pct)))
+        set_preprocessing(train_set, phase.resolution, eval_transform(phase.resolution, cfg.crop_pct))
     else:
         set_preprocessing(train_set, phase.resolution,
                           train_transform(phase.resolution, cfg.min_crop_area, cfg.hflip, crop=False),

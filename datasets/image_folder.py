@@ -98,13 +98,9 @@ def draft_jpeg(image: Image.Image, reduction: float) -> int:
     return round(width / drafted[1][2]) if drafted else 1  # its box: the full size in decoded pixels
 
 
-def load_image(path: str, min_short_side: int | None = None) -> Image.Image:
-    """Decode one file to RGB. JPEGs are decoded at reduced size (draft mode) when a short side of
-    `min_short_side` is enough: far less decoding work for the same resized image. Right for test
-    preprocessing, which resizes the whole image; a random crop needs `RandomCropDecoder`."""
+def load_image(path: str) -> Image.Image:
+    """Decode one file to RGB, in full (training crops: `RandomCropDecoder`)."""
     with open_image(path) as image:
-        if min_short_side:
-            draft_jpeg(image, min(image.size) / min_short_side)
         image.load()
         return to_rgb(image)
 
@@ -125,7 +121,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.samples, self.ignored_files = list_samples(self.root, self.classes)
         self.transform = transform
         self.strict = strict
-        self.decode = decode  # path -> RGB image: `load_image` (or a partial of it), `RandomCropDecoder`
+        self.decode = decode  # path -> RGB image: `load_image`, or `RandomCropDecoder` for training crops
 
     def __len__(self) -> int:
         return len(self.samples)

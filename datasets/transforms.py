@@ -44,9 +44,9 @@ class RandomCropDecoder:
     (draft mode: far less work) whenever the crop still spans at least `resolution` pixels at that
     scale. With no scale applied it draws and crops as `v2.RandomResizedCrop` on the decoded image.
 
-    Drafting to the resolution before choosing the crop, as `load_image` does for a resize of the
-    whole image, would give most crops fewer pixels than the output has (at 160 px from a 500×375
-    JPEG, about four in five): a blurrier training set than the usual pipeline's."""
+    Drafting the whole image to the resolution before choosing the crop would give most crops
+    fewer pixels than the output has (at 160 px from a 500×375 JPEG, about four in five): a
+    blurrier training set than the usual pipeline's."""
 
     resolution: int
     min_area: float = 0.05

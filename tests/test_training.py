@@ -570,9 +570,23 @@ def test_crop_decoder_decodes_at_reduced_scale_only_where_the_crop_keeps_its_det
     # the resolution) gives crops under 256 px a mean error of up to 0.22 here
     assert 10 <= reduced <= 30, reduced
     assert max(errors) < 0.08, max(errors)
-    # test preprocessing resizes the whole image: there, a short side of at least the resize is enough
-    assert load_image(path, min_short_side=150).size == (256, 192)
-    assert load_image(path, min_short_side=200).size == (512, 384)
+
+
+def test_fine_tuning_trains_on_the_validation_preprocessing(tmp_path: Path) -> None:
+    """The fine-tune at the test resolution exists to match test time: same pixels as validation
+    (a JPEG decoded at reduced scale, then resized, would differ)."""
+    import types
+
+    from datasets import ImageFolderDataset, eval_transform
+
+    (tmp_path / "a").mkdir()
+    _jpeg_with_fine_detail(tmp_path / "a" / "photo.jpg", 512, 384)
+    cfg = TrainConfig()
+    fine_tune = types.SimpleNamespace(test_preprocessing=True, resolution=128)
+    train = ImageFolderDataset(tmp_path, transform=None)
+    run_train.set_phase_preprocessing(train, cfg, fine_tune)
+    validation = ImageFolderDataset(tmp_path, eval_transform(128, cfg.crop_pct))
+    assert torch.equal(train[(0, 7)][0], validation[0][0])
 
 
 def test_loaders_pin_host_memory_only_for_a_cuda_device() -> None:
