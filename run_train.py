@@ -290,7 +290,7 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
         phase = make_train_phase(cfg, model, num_classes, len(train_set), ctx)
         if progress.phase == "train":
             if state is not None:
-                restore(state, model, phase, scaler)
+                restore(state, model, phase, scaler, cfg, ctx)
             run_phase(cfg, ctx, phase, model, runner, scaler, train_set, val_loader, progress, run_dir, log,
                       stopper)
             final_train = phase.epoch_average or phase.ema
@@ -307,7 +307,7 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
             if progress.phase == "train":
                 progress = dataclasses.replace(progress, phase="fine_tune", epoch=0, micro_batch=0)
             elif state is not None:
-                restore(state, model, phase, scaler)
+                restore(state, model, phase, scaler, cfg, ctx)
             run_phase(cfg, ctx, phase, model, runner, scaler, train_set, val_loader, progress, run_dir, log,
                       stopper)
 
@@ -574,8 +574,7 @@ def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progr
         ema=runner.full_state(phase.ema) if phase.ema is not None else None,
         epoch_average=runner.full_state(phase.epoch_average) if phase.epoch_average is not None else None,
         progress=dataclasses.asdict(progress),
-        rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
-                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+        rng=ctx.all_gather_object(rng_state()),  # every rank's stream (dropout, drop-path), by rank
         config=to_dict(cfg),
         metrics_bytes=log.sizes() if log is not None else None,  # a resume cuts the metrics files back to these
     )
@@ -596,7 +595,7 @@ def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progr
     return path
 
 
-def restore(state: dict, model: nn.Module, phase: Phase, scaler) -> None:
+def restore(state: dict, model: nn.Module, phase: Phase, scaler, cfg: TrainConfig, ctx) -> None:
     model.load_state_dict(state["model"])
     phase.optimizer.load_state_dict(state["optimizer"])
     phase.scheduler.load_state_dict(state["scheduler"])
@@ -605,10 +604,24 @@ def restore(state: dict, model: nn.Module, phase: Phase, scaler) -> None:
         average = getattr(phase, name)
         if average is not None and state.get(name) is not None:
             average.load_state_dict(state[name])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"].get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    saved = state["rng"]
+    ranks = saved if isinstance(saved, list) else [saved]  # checkpoints before 2026-11-26 kept rank 0's only
+    if ctx.rank < len(ranks):
+        set_rng_state(ranks[ctx.rank])
+    else:  # more ranks than the run that wrote it (a pipeline resumed with more stages): a stream of its own
+        seed_everything(zlib.crc32(f"{cfg.seed}/{ctx.rank}/{state['progress']['step']}".encode()))
+
+
+def rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -60,6 +60,14 @@ class Context:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def all_gather_object(self, value: object) -> list:
+        """Every rank's `value` (picklable; tensors on the CPU), in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def broadcast_from_main(self, values: list) -> list:
         """Rank 0's list of plain values, on every rank."""
         if self.distributed:

@@ -95,6 +95,7 @@ class PipelineRunner:
         bounds = [0, *split_indices(model, splits), len(model.units())]
         self.stage_module = StageModule(model, bounds[ctx.stage], bounds[ctx.stage + 1], channels_last)
         owned = {id(t) for t in list(self.stage_module.parameters()) + list(self.stage_module.buffers())}
+        self.owned_ids = owned
         self.owned_keys = {name for name, t in list(model.named_parameters()) + list(model.named_buffers())
                            if id(t) in owned}
         # every rank creates every group, in the same order
@@ -181,8 +182,11 @@ class PipelineRunner:
         return {k: merged.get(k, v) for k, v in state.items()}
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state for every parameter, each from the stage that owns it. A stage
+        resumed from a checkpoint also holds the other stages' state as it was then: stale."""
         state = optimizer.state_dict()
-        merged = self._merge({("state", k): v for k, v in state["state"].items()})
+        params = [param for group in optimizer.param_groups for param in group["params"]]  # the state's indices
+        merged = self._merge({("state", k): v for k, v in state["state"].items() if id(params[k]) in self.owned_ids})
         return {"state": {k[1]: v for k, v in merged.items()}, "param_groups": state["param_groups"]}
 
     def sync_model(self) -> None:

@@ -161,6 +161,31 @@ def test_half_res_training_with_replicas_equals_one_process(runs: Path) -> None:
     assert_same_weights(final_weights(runs / "single"), final_weights(runs / "ddp"), atol=5e-5)
 
 
+def test_pipeline_resumed_twice_matches_the_uninterrupted_run(runs: Path) -> None:
+    """Each rank's RNG (dropout and drop-path are on here) and each stage's optimizer state come
+    back from a checkpoint as they were: a run stopped at step 2, resumed, stopped at step 4 and
+    resumed again writes at step 4 what an uninterrupted run writes. (Two stops: a stage resumed
+    from a checkpoint holds the other stages' optimizer state as it was then, which must not reach
+    the next checkpoint; and with one rank's RNG saved, stage 1 continued on stage 0's stream.)"""
+    common = ["--epochs", "1", "--max-steps-per-epoch", "6", "--micro-batch-size", "4", "--gradient-accumulation", "2",
+              "--fine-tune-epochs", "0", "--pipeline-splits", "blocks.3", "--checkpoint-every-steps", "2",
+              "--keep-checkpoints", "10", "--validate-every", "0"]
+    result = torchrun(2, tiny_train_args(runs, *common, "--run-name", "whole", "--stop-after-steps", "4"))
+    assert result.returncode != 0 and "stop" in result.stderr, result.stderr[-3000:]
+    for stop in ("2", "4"):
+        result = torchrun(2, tiny_train_args(runs, *common, "--run-name", "cut", "--resume", "auto",
+                                             "--stop-after-steps", stop))
+        assert "stop" in result.stderr, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    whole, cut = (load_checkpoint(runs / name / "checkpoint-000000004.pt") for name in ("whole", "cut"))
+    assert_same_weights(whole["model"], cut["model"], atol=0)
+    assert whole["optimizer"]["state"].keys() == cut["optimizer"]["state"].keys()
+    for index, state in whole["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, cut["optimizer"]["state"][index][name]), (index, name)
+    assert len(cut["rng"]) == 2 and all(torch.equal(a["torch"], b["torch"]) for a, b in zip(whole["rng"], cut["rng"]))
+
+
 def test_layout_errors_are_refused_before_work(runs: Path) -> None:
     from conftest import run_cli
 
