@@ -38,7 +38,7 @@ from training.host_memory import retain_freed_memory
 from training.measure import inference_throughput, peak_memory_bytes
 from training.out_of_memory import allocation_failed, is_out_of_memory
 from training.results import check_writable, write_csv, write_json
-from training.trained import WEIGHTS, load_weights, model_from_weights
+from training.trained import WEIGHTS, MissingWeights, load_weights, model_from_weights
 
 
 @dataclass
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         if args.retain_host_memory:
             retain_freed_memory()
-        sources = find_sources(Path(args.checkpoint))
+        sources = check_sources(find_sources(Path(args.checkpoint)), args.weights)
         prefix = output_prefix(args.output_prefix, sources[0])
         for target in [Path(f"{prefix}.csv")] + ([Path(args.plot)] if args.plot else []):
             check_writable(target, "--output-prefix / --plot")  # before the sweep, which a failed write at the end would lose
@@ -172,6 +172,28 @@ def find_sources(path: Path) -> list[Path]:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     return [path]
+
+
+def check_sources(sources: list[Path], weights: str) -> list[Path]:
+    """The sources that load and hold the weights asked for, checked before the sweep, which would
+    otherwise stop at a bad file after validating the ones before it. Of a run folder's
+    checkpoints, those without these weights (a fine-tune phase keeps no averages) are left out,
+    with a note; any other problem stops the run here."""
+    usable = []
+    for source in sources:
+        try:
+            load_weights(source, weights)
+        except MissingWeights as error:
+            if len(sources) == 1:
+                raise
+            print(f"note: left out {source.name}: it holds no {weights} weights (it has: {', '.join(error.have)})",
+                  file=sys.stderr)
+            continue
+        usable.append(source)
+    if not usable:
+        raise ConfigError(f"--weights {weights}: none of the {len(sources)} checkpoints in {sources[0].parent} "
+                          f"holds them")
+    return usable
 
 
 # ---------------------------------------------------------------------------- the sweep

@@ -85,6 +85,37 @@ def test_run_folder_and_weights_choice(trained_run: Path, tmp_path: Path) -> Non
     assert _rows(tmp_path / "shared-sweep")[0]["top1"] == _rows(tmp_path / "st")[0]["top1"]
 
 
+def test_run_folder_sources_are_checked_before_the_sweep(trained_run: Path, tmp_path: Path, monkeypatch,
+                                                         capsys) -> None:
+    """A checkpoint without the weights asked for (as a fine-tune phase's, which keeps no averages)
+    is left out of a run folder's sweep with a note; a corrupt one stops the run before anything is
+    validated, instead of after the checkpoints before it."""
+    import torch
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    checkpoints = list_checkpoints(trained_run)
+    for path in checkpoints:
+        (folder / path.name).write_bytes(path.read_bytes())
+    first = folder / checkpoints[0].name
+    state = load_checkpoint(first)
+    torch.save(dict(state, ema=None), first)
+    args = ["--checkpoint", str(folder), "--progress", "false", "--timed-batches", "1", "--weights", "ema",
+            "--resolutions", "32", "--output-prefix", str(tmp_path / "sweep")]
+    assert run_validate.main(args) == 0
+    assert [Path(row["checkpoint"]).name for row in _rows(tmp_path / "sweep")] == [p.name for p in checkpoints[1:]]
+    assert f"note: left out {first.name}: it holds no ema weights (it has: raw)" in capsys.readouterr().err
+
+    evaluated = []
+    monkeypatch.setattr(run_validate, "evaluate", lambda *a, **k: evaluated.append(1) or {})
+    torch.save(state, first)  # all weights back: with the old order of checks, this one was validated first
+    last = folder / checkpoints[-1].name
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    assert run_validate.main(args) == 2
+    assert f"checkpoint {last} is truncated or corrupt" in capsys.readouterr().err
+    assert evaluated == []
+
+
 def test_fine_tune_protocol_runs_per_resolution(trained_run: Path, tmp_path: Path) -> None:
     checkpoint = str(list_checkpoints(trained_run)[-1])
     args = ["--checkpoint", checkpoint, "--progress", "false", "--timed-batches", "1", "--resolutions", "40"]

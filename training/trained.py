@@ -23,6 +23,15 @@ from .config import ConfigError, TrainConfig, from_dict, model_overrides
 WEIGHTS = {"raw": "model", "ema": "ema", "averaged": "epoch_average"}
 
 
+class MissingWeights(ConfigError):
+    """The file is good but holds no weights of the kind asked for (e.g. a fine-tune phase's
+    checkpoint keeps no averages). `have`: the kinds it holds."""
+
+    def __init__(self, message: str, have: list[str]) -> None:
+        super().__init__(message)
+        self.have = have
+
+
 def load_weights(path: str | Path, weights: str = "raw") -> tuple[TrainConfig, dict[str, torch.Tensor]]:
     """The run's config and one set of its weights (`raw`, `ema` or `averaged`) as a state dict."""
     path = Path(path)
@@ -43,14 +52,15 @@ def load_weights(path: str | Path, weights: str = "raw") -> tuple[TrainConfig, d
         if "config" not in metadata:
             raise CheckpointError(f"{path} carries no config in its metadata; export it with run_train.py")
         if weights != "raw":
-            raise ConfigError(f"--weights {weights}: {path} holds only the final weights; use --weights raw")
+            raise MissingWeights(f"--weights {weights}: {path} holds only the final weights; use --weights raw",
+                                 ["raw"])
         return from_dict(json.loads(metadata["config"]), f"config in {path}"), state
     state = load_checkpoint(path)
     cfg = from_dict(state["config"], f"config saved in {path}")
     chosen = state.get(WEIGHTS[weights])
     if chosen is None:
         have = [name for name, key in WEIGHTS.items() if state.get(key) is not None]
-        raise ConfigError(f"--weights {weights}: {path} has no such weights (it has: {', '.join(have)})")
+        raise MissingWeights(f"--weights {weights}: {path} has no such weights (it has: {', '.join(have)})", have)
     if weights != "raw":  # AveragedModel state: module.* plus its n_averaged counter
         chosen = {k.removeprefix("module."): v for k, v in chosen.items() if k != "n_averaged"}
     return cfg, chosen
