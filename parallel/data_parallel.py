@@ -46,10 +46,16 @@ class Runner:
         self.forward_module = torch.compile(module, mode=compile_mode) if compile_model else module
 
     def micro_step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None, final: bool,
-                   settings: StepSettings) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                   settings: StepSettings, blank: torch.Tensor | None = None,
+                   ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Forward + backward of one micro-batch (loss / accumulation); the all-reduce only runs
-        on the final micro-batch of the window. Returns [(loss, logits, targets)], detached."""
+        on the final micro-batch of the window. Returns [(loss, logits, targets)], detached.
+        `inputs` None: no image of the micro-batch could be decoded. If it is the window's last,
+        `blank` (one input-shaped image) stands in, so that this replica still joins the
+        all-reduce the others are waiting in (without it they would wait for ever)."""
         if inputs is None:
+            if final and self.ddp is not None:
+                self._all_reduce_without_data(blank, settings)
             return []
         sync = nullcontext() if self.ddp is None or final else self.ddp.no_sync()
         with sync:
@@ -58,6 +64,20 @@ class Runner:
                 loss = settings.loss_fn(logits, targets)
             settings.scaler.scale(loss / settings.accumulation).backward()
         return [(loss.detach(), logits.detach(), targets)]
+
+    def _all_reduce_without_data(self, blank: torch.Tensor, settings: StepSettings) -> None:
+        """A backward whose gradients are all zero, through DDP, which then all-reduces this
+        replica's accumulated gradients with the others'. In eval mode: no norm statistics move
+        and no dropout is drawn."""
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            with settings.autocast():
+                logits = self.forward_module(blank)
+            (logits.float().sum() * 0.0).backward()
+        finally:
+            for module, training in modes:
+                module.train(training)
 
     # the whole model lives in every process: nothing to merge
     def full_state(self, module: nn.Module) -> dict:

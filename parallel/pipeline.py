@@ -118,15 +118,17 @@ class PipelineRunner:
     def is_last(self) -> bool:
         return self.ctx.stage == self.ctx.stages - 1
 
-    def micro_step(self, inputs, targets, final: bool, settings: StepSettings):
-        """Buffer micro-batches; on the last of the window run the pipeline schedule over all of them."""
+    def micro_step(self, inputs, targets, final: bool, settings: StepSettings, blank: torch.Tensor | None = None):
+        """Buffer micro-batches; on the last of the window run the pipeline schedule over all of them.
+        (`blank`: see `Runner.micro_step`; a window without images joins the stage's all-reduce.)"""
         if inputs is not None:
             self.window.append((inputs, targets))
         if not final:
             return []
         window, self.window = self.window, []
         count = len(window)
-        if count == 0:
+        if count == 0:  # no image decoded in the whole window: the other replicas' ranks of this stage still all-reduce
+            self._all_reduce_stage_gradients()
             return []
         if count not in self.schedules:
             self.schedules[count] = self.schedule_class(self.stage, n_microbatches=count, loss_fn=self._loss,
@@ -157,7 +159,11 @@ class PipelineRunner:
     def _all_reduce_stage_gradients(self) -> None:
         if self.ctx.replicas == 1:
             return
-        grads = [p.grad for p in self.stage_module.parameters() if p.grad is not None]
+        trainable = [p for p in self.stage_module.parameters() if p.requires_grad]
+        for param in trainable:
+            if param.grad is None:  # a window without images: zeros, so every rank all-reduces the same tensors
+                param.grad = torch.zeros_like(param)
+        grads = [p.grad for p in trainable]
         for grad in grads:
             dist.all_reduce(grad, group=self.stage_group)
             grad.div_(self.ctx.replicas)

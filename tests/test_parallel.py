@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import run_train
 from conftest import ROOT, file_size_limiter, tiny_train_args
@@ -184,6 +185,64 @@ def test_pipeline_resumed_twice_matches_the_uninterrupted_run(runs: Path) -> Non
         for name, value in state.items():
             assert torch.equal(value, cut["optimizer"]["state"][index][name]), (index, name)
     assert len(cut["rng"]) == 2 and all(torch.equal(a["torch"], b["torch"]) for a, b in zip(whole["rng"], cut["rng"]))
+
+
+BLANK_STEP = """
+import sys, torch, torch.nn.functional as F
+from contextlib import nullcontext
+sys.path.insert(0, sys.argv[2])
+import parallel
+from models import create_model
+from parallel.data_parallel import Runner, StepSettings
+ctx = parallel.Context(rank=int(sys.argv[3]), world_size=2, replicas=2, distributed=True)
+torch.distributed.init_process_group("gloo")
+torch.manual_seed(0)
+model = create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
+                     dropout=0.0, stochastic_depth=0.0)
+settings = StepSettings(F.cross_entropy, torch.amp.GradScaler("cpu", enabled=False), nullcontext, 2)
+runner = Runner(model, ctx)
+images, labels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+if ctx.rank == 0:  # a window of two micro-batches
+    runner.micro_step(images[:2], labels[:2], False, settings)
+    runner.micro_step(images[2:], labels[2:], True, settings)
+else:  # the same window, where no image of the last micro-batch could be decoded
+    runner.micro_step(images[:2], labels[:2], False, settings)
+    runner.micro_step(None, None, True, settings, blank=torch.zeros(1, 3, 32, 32))
+torch.save(dict(training=[m.training for m in model.modules()],
+                grads={n: p.grad for n, p in model.named_parameters()}), sys.argv[1] + f"/rank{ctx.rank}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_a_replica_whose_last_micro_batch_has_no_image_still_joins_the_all_reduce(tmp_path: Path) -> None:
+    """Every image of one replica's last micro-batch undecodable: it used to skip the backward, and
+    with it DDP's all-reduce, which the other replicas then waited in for ever. It now backpropagates
+    zeros through a blank image: both replicas hold the mean of what they accumulated."""
+    script = tmp_path / "blank_step.py"
+    script.write_text(BLANK_STEP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
+         "sh", "-c", f'exec "{sys.executable}" "{script}" "{tmp_path}" "{ROOT}" "$RANK"'],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    # the reference: one process, each replica's accumulated gradient computed apart
+    from models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
+                     dropout=0.0, stochastic_depth=0.0)
+    images, labels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+    first = torch.autograd.grad(F.cross_entropy(model(images[:2]), labels[:2]) / 2, list(model.parameters()))
+    second = torch.autograd.grad(F.cross_entropy(model(images[2:]), labels[2:]) / 2, list(model.parameters()))
+    for (name, _), a, b in zip(model.named_parameters(), first, second):
+        expected = ((a + b) + a) / 2  # replica 0 accumulated both micro-batches, replica 1 the first
+        for rank in ranks:
+            # float32 sums in another order (one thread against two): about 1e-5 of the largest element
+            torch.testing.assert_close(rank["grads"][name], expected, atol=1e-4 * float(expected.abs().max()),
+                                       rtol=1e-4, msg=name)
+    assert all(ranks[1]["training"])  # the blank step ran in eval mode and put the modes back
 
 
 def test_layout_errors_are_refused_before_work(runs: Path) -> None:
