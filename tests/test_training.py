@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -385,6 +386,24 @@ def test_half_res_training_fine_tunes_head_at_test_resolution(tiny_args, tmp_pat
     assert header.startswith("phase,epoch,step,resolution,lr")
     saved = load_checkpoint(list_checkpoints(run)[-1])["config"]
     assert saved["half_res_training"] is True and (run / "config.yaml").is_file()
+    # the run folder's config.yaml, given back to --config, is the run's config again
+    assert dataclasses.asdict(parse_args(["--config", str(run / "config.yaml")])) == saved
+
+
+def test_config_file_extends_named_configs_and_is_checked(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("inherits: [efficientnet-b2-g16-gn]\nepochs: 30\nlr_decay: 0.9\n")
+    cfg = parse_args(["--config", str(mine), "--lr-decay", "0.5"])
+    assert (cfg.model, cfg.norm, cfg.epochs, cfg.lr_decay) == ("efficientnet-b2", "group", 30, 0.5)
+    assert cfg.config == "mine"  # run folders are named after the file, not its parent
+    for text, needle in [("epochs: [1\n", "is not valid YAML"), ("- 1\n- 2\n", "must map options to values"),
+                         ("epoch: 3\n", "unknown option 'epoch' (did you mean: epochs"),
+                         ("inherits: demo0\n", "unknown config 'demo0'"), ("epochs: many\n", "option 'epochs' must be")]:
+        mine.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            parse_args(["--config", str(mine)])
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse_args(["--config", str(tmp_path / "missing.yml")])
 
 
 def test_run_folder_is_never_overwritten(tiny_args, tmp_path: Path) -> None:

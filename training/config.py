@@ -33,7 +33,7 @@ class ConfigError(Exception):
 class TrainConfig:
     """Everything a training run needs. Comments become --help text."""
 
-    config: str | None = None  # named config from configs.yml (see --list-configs)
+    config: str | None = None  # named config from configs.yml (see --list-configs), or a YAML file of options
 
     # ---- model
     model: str = "efficientnet-b0"  # efficientnet-b0 ... efficientnet-b7
@@ -211,6 +211,29 @@ def resolve_config(name: str, path: Path = CONFIGS_FILE) -> dict[str, object]:
             raise ConfigError(f"config {name!r} in {path}: unknown option {key!r}{close_matches(key, field_names())}")
     resolved["config"] = name
     return resolved
+
+
+def config_from_file(path: Path) -> TrainConfig:
+    """`--config FILE.yaml`: a file of options, such as a run folder's `config.yaml` (to run that
+    run again) or one of the user's own, which may name configs of configs.yml in `inherits`."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must map options to values (e.g. `model: efficientnet-b0`)")
+    parents = data.pop("inherits", [])
+    values: dict[str, object] = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        values.update(resolve_config(str(parent)))
+    values.update(data)
+    values["config"] = data.get("config", path.stem)  # the file's own name for it, not a parent's
+    return from_dict(values, f"config file {path}")
 
 
 # ---------------------------------------------------------------------------- checking values
@@ -445,9 +468,16 @@ def parse_args(argv: list[str] | None, description: str = "") -> TrainConfig:
     if known.list_configs:
         print("\n".join(config_names()))
         raise SystemExit(0)
-    defaults = make_config(resolve_config(known.config), f"config {known.config!r}") if known.config else TrainConfig()
+    if known.config is None:
+        defaults = TrainConfig()
+    elif known.config.endswith((".yaml", ".yml")):
+        defaults = config_from_file(Path(known.config).expanduser())
+    else:
+        defaults = make_config(resolve_config(known.config), f"config {known.config!r}")
     extra = [(("--list-configs",), dict(action="store_true", help="print the names in configs.yml and exit"))]
-    return parse_dataclass(argv, TrainConfig, defaults, description, extra)
+    cfg = parse_dataclass(argv, TrainConfig, defaults, description, extra)
+    # a file's config is known by the name inside it (or its stem): run folders are named after it
+    return dataclasses.replace(cfg, config=defaults.config) if known.config is not None else cfg
 
 
 def parse_dataclass(argv: list[str], dataclass_type: type, defaults: object, description: str = "",
