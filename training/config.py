@@ -167,14 +167,19 @@ def close_matches(word: str, candidates: list[str]) -> str:
 # ---------------------------------------------------------------------------- configs.yml
 
 
-def load_config_file(path: Path = CONFIGS_FILE) -> dict[str, dict]:
+def read_yaml(path: Path) -> object:
+    """A YAML file's data (safe_load: plain data only), with a ConfigError naming the file."""
     try:
         with open(path) as handle:
-            data = yaml.safe_load(handle)
+            return yaml.safe_load(handle)
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+
+
+def load_config_file(path: Path = CONFIGS_FILE) -> dict[str, dict]:
+    data = read_yaml(path)
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(f"config file {path} must map config names to mappings of options")
     return data
@@ -218,13 +223,7 @@ def config_from_file(path: Path) -> TrainConfig:
     run again) or one of the user's own, which may name configs of configs.yml in `inherits`."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        with open(path) as handle:
-            data = yaml.safe_load(handle)
-    except OSError as error:
-        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must map options to values (e.g. `model: efficientnet-b0`)")
     parents = data.pop("inherits", [])
