@@ -94,10 +94,9 @@ class PipelineRunner:
         self.ctx = ctx
         bounds = [0, *split_indices(model, splits), len(model.units())]
         self.stage_module = StageModule(model, bounds[ctx.stage], bounds[ctx.stage + 1], channels_last)
-        owned = {id(t) for t in list(self.stage_module.parameters()) + list(self.stage_module.buffers())}
-        self.owned_ids = owned
+        self.owned_ids = {id(t) for t in list(self.stage_module.parameters()) + list(self.stage_module.buffers())}
         self.owned_keys = {name for name, t in list(model.named_parameters()) + list(model.named_buffers())
-                           if id(t) in owned}
+                           if id(t) in self.owned_ids}
         # every rank creates every group, in the same order
         self.pipe_group = self.stage_group = None
         for replica in range(ctx.replicas):
@@ -127,7 +126,10 @@ class PipelineRunner:
             return []
         window, self.window = self.window, []
         count = len(window)
-        if count == 0:  # no image decoded in the whole window: the other replicas' ranks of this stage still all-reduce
+        if count == 0:  # no image decoded in the whole window: the other replicas' ranks of this stage still
+            for param in self.stage_module.parameters():  # all-reduce, so join them with zero gradients
+                if param.requires_grad and param.grad is None:
+                    param.grad = torch.zeros_like(param)
             self._all_reduce_stage_gradients()
             return []
         if count not in self.schedules:
@@ -159,11 +161,7 @@ class PipelineRunner:
     def _all_reduce_stage_gradients(self) -> None:
         if self.ctx.replicas == 1:
             return
-        trainable = [p for p in self.stage_module.parameters() if p.requires_grad]
-        for param in trainable:
-            if param.grad is None:  # a window without images: zeros, so every rank all-reduces the same tensors
-                param.grad = torch.zeros_like(param)
-        grads = [p.grad for p in trainable]
+        grads = [p.grad for p in self.stage_module.parameters() if p.grad is not None]
         for grad in grads:
             dist.all_reduce(grad, group=self.stage_group)
             grad.div_(self.ctx.replicas)
