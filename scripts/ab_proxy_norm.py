@@ -3,6 +3,7 @@
     python scripts/ab_proxy_norm.py --what function --resolution 160 --precision fp32
     python scripts/ab_proxy_norm.py --what fold --resolution 224 --precision bf16
     python scripts/ab_proxy_norm.py --what parts --resolution 160 --precision fp32
+    python scripts/ab_proxy_norm.py --what table --device cuda --batch-size 128 --resolution 160
     python scripts/ab_proxy_norm.py --what cache --mode inference --batch-size 1 --precision fp32
     python scripts/ab_proxy_norm.py --what parts --device cuda --batch-size 128 --resolution 160
 
@@ -15,6 +16,12 @@
 --what parts:    where Proxy Norm's cost is: LN, LN+PN, and LN+PN with one part taken away at a
                  time (the moments' gradient, the SE's Proxy Norm terms, the folds). The first two
                  take away maths and are for timing only.
+--what table:    LN+PN with its moments computed in one batched table (what the model and, since
+                 docs/benchmarks.md A.8, a pipeline stage do) against each layer computing its
+                 own (what a stage did before; what a compiled model does): the same values.
+--what fold_gpu: LN+PN as shipped against the folds forced on where an eager GPU skips them
+                 (every output of at least FOLD_MIN_ELEMENTS folded, as on the CPU): the same
+                 values. On the CPU the two rows run the same code.
 --what cache:    LN, and LN+PN with its moments reused while the parameters are unchanged (what
                  the model does without autograd) or computed on every forward; use with
                  --mode inference.
@@ -36,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.efficientnet import ConvNormAct, EfficientNet, MBConv, SqueezeExcite  # noqa: E402
+from models.efficientnet import FOLD_MIN_ELEMENTS, ConvNormAct, EfficientNet, MBConv, SqueezeExcite  # noqa: E402
 from models.proxy_norm import ProxyNormAct, apply_affine  # noqa: E402
 from parallel.context import ParallelError, pick_device, tune_for_device  # noqa: E402
 from run_benchmark import BenchmarkConfig, parse_row, prepare_row  # noqa: E402
@@ -80,6 +87,23 @@ def never_fold(self: ConvNormAct, x, table, input_affine, fold):
     return ORIGINAL_FOR_CONV(self, x, table, input_affine, False)
 
 
+def per_layer_moments(self: EfficientNet, modules=None, cache=None):
+    """No table: each Proxy Norm layer computes its own moments (the same values)."""
+    return None
+
+
+def fold_everywhere(self: ConvNormAct, x, table, input_affine, fold):
+    """forward_for_conv without its eager-GPU exception: folds as on the CPU (the same values)."""
+    norm_act = self.norm_act
+    if not (fold and isinstance(norm_act, ProxyNormAct) and not norm_act.centre_only):
+        return self(x, table, input_affine), None
+    z = self.apply_conv(x, input_affine)
+    if z.numel() < FOLD_MIN_ELEMENTS:
+        return norm_act(z, table), None
+    activated, mean, inv_std = norm_act.forward_split(z, table)
+    return activated, norm_act.owed_affine(mean, inv_std)
+
+
 def uncached_table(self: EfficientNet, modules=None, cache=None):
     """The moments computed on every forward, as before they were reused in inference."""
     return ORIGINAL_TABLE(self, modules, None)
@@ -98,6 +122,14 @@ VARIANTS = {
         "LN+PN, constant moment table": (spec, {(EfficientNet, "proxy_table"): constant_table}),
         "LN+PN, SE without its Proxy Norm terms": (spec, {(SqueezeExcite, "forward_split"): se_without_proxy_terms}),
         "LN+PN, no folds": (spec, {(ConvNormAct, "forward_for_conv"): never_fold}),
+    },
+    "table": lambda spec: {
+        "LN+PN, batched moment table": (spec, {}),
+        "LN+PN, each layer its own moments": (spec, {(EfficientNet, "proxy_table"): per_layer_moments}),
+    },
+    "fold_gpu": lambda spec: {
+        "LN+PN as shipped": (spec, {}),
+        "LN+PN, folds forced on": (spec, {(ConvNormAct, "forward_for_conv"): fold_everywhere}),
     },
     "cache": lambda spec: {
         "LN": (spec + "+proxy_norm=false", {}),

@@ -66,6 +66,10 @@ run_step() {  # name, most seconds it may take, then the command; stops at the b
 bench() { run_step "$1" "$2" "$python" run_benchmark.py "${common[@]}" --round-time-limit $(($2 / 2)) \
     --results-file "$out/$1.json" "${@:3}"; }
 
+# an interleaved A/B of scripts/ab_proxy_norm.py at 160 px: name, --what, precision
+ab() { run_step "$1" 120 "$python" scripts/ab_proxy_norm.py --what "$2" --precision "$3" --device "$device" \
+    --batch-size "${BATCH:-128}" --resolution 160 --rounds 3 --steps 3; }
+
 b0=efficientnet-b0
 timm_row=()
 "$python" -c 'import timm' 2>/dev/null && timm_row=(timm:efficientnet_b0@224+fp32+nocl)
@@ -92,8 +96,12 @@ run_named() {
         profile_eager) bench "$1" 90 --rounds 1 --profile-calls 3 --profile-rows 30 --compare \
             $lnpn+fp32+nocl $ln+fp32+nocl $lnpn+bf16+cl $ln+bf16+cl ;;
         # Proxy Norm's parts taken away one at a time (moments' gradient, SE terms, folds), eager
-        ab_parts) run_step "$1" 120 "$python" scripts/ab_proxy_norm.py --what parts --device "$device" \
-            --batch-size "${BATCH:-128}" --resolution 160 --precision fp32 --rounds 3 --steps 3 ;;
+        ab_parts) ab "$1" parts fp32 ;;
+        # the batched moment table against each layer's own moments (a pipeline stage's gain,
+        # docs/benchmarks.md A.8), fp32 and bf16; and in bf16 the eager GPU's no-fold rule
+        ab_table) ab "$1" table fp32 ;;
+        ab_table_bf16) ab "$1" table bf16 ;;
+        ab_fold_bf16) ab "$1" fold_gpu bf16 ;;
         # CUDA graphs (--compile-mode reduce-overhead) against plain compile, LN+PN and LN
         train_cuda_graphs) bench "$1" 300 --rounds 1 --compare $lnpn+bf16+cl+compile \
             $lnpn+bf16+cl+compile+compile_mode=reduce-overhead $ln+bf16+cl+compile+compile_mode=reduce-overhead ;;
