@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,6 +100,15 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[Skip
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
 
 
+def leave_stops_to_the_main_process(worker_id: int) -> None:
+    """A loader worker ignores SIGINT and SIGTERM. A terminal's Ctrl-C, `timeout`, and Slurm's or
+    a container's stop reach every process of the job: a worker killed by one would end the run
+    with a loader error instead of the checkpoint that the main process writes at the next step.
+    The main process shuts its workers down; a worker whose main process dies exits by itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: torch.utils.data.Dataset,
     batch_size: int,
@@ -116,6 +126,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate_skipping,
         persistent_workers=False,
+        worker_init_fn=leave_stops_to_the_main_process,
         drop_last=drop_last,
         pin_memory=device is not None and device.type == "cuda",
         timeout=shared_memory.BATCH_TIMEOUT_S if workers > 0 else 0,  # a batch lost by a worker ends in an error, not a hang

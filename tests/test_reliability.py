@@ -52,9 +52,10 @@ LONG = ["--epochs", "2", "--max-steps-per-epoch", "6", "--checkpoint-every-steps
         "--mixup-alpha", "0.2", "--ema-decay", "0.9", "--workers", "1"]
 
 
-def _popen(args: list[str]) -> subprocess.Popen:
+def _popen(args: list[str], new_session: bool = False) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+                            stderr=subprocess.STDOUT, text=True, start_new_session=new_session,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
 
 
 def _wait_for_checkpoints(run: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -95,16 +96,24 @@ def test_sigkill_at_a_random_point_then_resume_is_exact(tmp_path: Path, referenc
     _same_state(list_checkpoints(tmp_path / "killed")[-1], reference_run)
 
 
+@pytest.mark.parametrize("to_group", [False, True], ids=["process", "group"])
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_checkpoint_and_exit_cleanly(tmp_path: Path, reference_run: Path, signum: int,
-                                                        code: int) -> None:
+                                                        code: int, to_group: bool) -> None:
+    """Sent to the main process (`kill PID`, a container's stop) or to its whole process group, loader
+    workers too (Ctrl-C in a terminal, `timeout`, Slurm): either way one checkpoint, one message.
+    A worker killed by the group's SIGTERM used to end the run with a loader error instead."""
     args = tiny_train_args(tmp_path, *LONG, "--run-name", "stopped", "--checkpoint-every-steps", "0")
-    process = _popen(args)
+    process = _popen(args, new_session=to_group)
     _wait_for_checkpoints(tmp_path / "stopped", 1, process)  # the first epoch is done
-    process.send_signal(signum)
+    if to_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == code, output
     assert "Traceback" not in output and "--resume auto" in output
+    assert output.count("stop requested") == 1, output  # the workers leave it to the main process
     assert f"checkpoint {list_checkpoints(tmp_path / 'stopped')[-1]}" in output  # names what it wrote
     assert run_train.main([*args, "--resume", "auto"]) == 0
     _same_state(list_checkpoints(tmp_path / "stopped")[-1], reference_run)
