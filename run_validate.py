@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -66,7 +67,24 @@ class ValidateConfig:
     retain_host_memory: bool = True  # keep freed host memory for reuse (see training/host_memory.py)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job's stop, `timeout`), raised where Ctrl-C raises KeyboardInterrupt: the sweep
+    stops alike, with exit code 143."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return validate(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def validate(argv: list[str] | None) -> int:
     try:
         args = parse_dataclass(list(sys.argv[1:] if argv is None else argv), ValidateConfig, ValidateConfig(),
                                __doc__)
@@ -79,8 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         for target in [Path(f"{prefix}.csv")] + ([Path(args.plot)] if args.plot else []):
             check_writable(target, "--output-prefix / --plot")  # before the sweep, which a failed write at the end would lose
         rows = []
-        for source in sources:
-            sweep(source, args, resolutions, rows)
+        try:
+            for source in sources:
+                sweep(source, args, resolutions, rows)
+        except KeyboardInterrupt as stop:  # the points measured are kept, as after running out of memory
+            print(f"interrupted after {len(rows)} point(s) of the sweep"
+                  + ("; the points measured are written below" if rows else ""), file=sys.stderr)
+            if rows:
+                write_sweep(rows, prefix, args.plot)
+            return 143 if isinstance(stop, Terminated) else 130
     except (ConfigError, CheckpointError, DataError, parallel.ParallelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -250,6 +275,9 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
             peak_memory_mb_per_image=memory / 1e6 / args.batch_size, device=str(device),
             seconds=time.perf_counter() - started,
         ))
+        row = rows[-1]  # a line per point as it is measured: a long sweep is not silent until its table
+        print(f"{source.name} @ {resolution} px: top-1 {row['top1']:.2f} %, top-5 {row['top5']:.2f} %, "
+              f"{row['images_per_s']:.1f} img/s ({row['seconds']:.0f} s)", file=sys.stderr)
     ctx.close()
 
 
@@ -355,6 +383,6 @@ def plot(rows: list[dict], path: Path) -> None:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C: nothing is half-written (outputs are written atomically, at the end)
+    except KeyboardInterrupt as stop:  # before or after the sweep: nothing is half-written (writes are atomic)
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)

@@ -147,6 +147,30 @@ def test_ctrl_c_during_per_resolution_fine_tuning_exits_130(trained_run: Path, t
     assert not (tmp_path / "sweep.csv").exists()
 
 
+def test_a_stopped_sweep_writes_the_points_it_measured(trained_run: Path, tmp_path: Path) -> None:
+    """SIGTERM (a job's time limit) after the first point: each point was printed as it was measured,
+    and those are written, as complete rows, before exit 143 (the sweep used to die silent, losing them)."""
+    process = subprocess.Popen(
+        [sys.executable, "-u", str(ROOT / "run_validate.py"), "--checkpoint", str(trained_run), "--progress", "false",
+         "--resolutions", ",".join(str(r) for r in range(24, 129, 8)), "--output-prefix", str(tmp_path / "sweep")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if " px: top-1 " in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    output.append(process.communicate(timeout=120)[0])
+    text = "".join(output)
+    assert process.returncode == 143 and "Traceback" not in text, text
+    measured = [line.split(":")[0] for line in text.splitlines() if " px: top-1 " in line]
+    assert f"interrupted after {len(measured)} point(s) of the sweep" in text
+    rows = _rows(tmp_path / "sweep")
+    assert [f"{Path(row['checkpoint']).name} @ {row['resolution']} px" for row in rows] == measured
+    assert all(row["images"] > 0 and row["images_per_s"] > 0 for row in rows)
+    assert len(rows) < len(list_checkpoints(trained_run)) * 14  # stopped before the end
+
+
 def test_pareto_marks() -> None:
     rows = [dict(checkpoint="c", resolution=r, top1=a, images_per_s=s, gmacs=g)
             for r, a, s, g in [(16, 50, 400, 1), (24, 70, 300, 2), (32, 65, 250, 3), (40, 80, 100, 4)]]
