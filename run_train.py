@@ -17,6 +17,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -143,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         check_loader_memory(cfg, ctx)
         if ctx.is_main:
             created = None if run_dir.exists() else run_dir
-            lock = RunLock(run_dir)
-            lock.acquire()
+        lock = ctx.run_on_main(partial(take_run_folder, run_dir))
         return train(cfg, ctx, run_dir, state, state_path)
+    except parallel.MainRankFailed as failed:  # rank 0 has said why
+        return 1 if failed.error_type == WriteError.__name__ else 2
     except (ConfigError, DataError, CheckpointError, parallel.ParallelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except StopRequested as stop:
         where = f"; checkpoint {stop.checkpoint}" if stop.checkpoint else ""
-        print(f"stopped{where}. Continue with the same command and --resume auto.", file=sys.stderr)
+        if ctx is None or ctx.is_main:  # every rank stops together: say it once
+            print(f"stopped{where}. Continue with the same command and --resume auto.", file=sys.stderr)
         return stop.code
     finally:
         if lock is not None:
@@ -183,17 +186,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def find_run(cfg: TrainConfig, ctx: parallel.Context) -> tuple[Path, dict | None, Path | None]:
-    """Rank 0 picks the run folder and checkpoint; the others follow its choice (shared filesystem)."""
+    """Rank 0 picks the run folder and checkpoint; the others follow its choice (shared filesystem),
+    or stop with it when it refuses one."""
+    found = ctx.run_on_main(partial(locate_run, cfg, report=ctx.print))
     if ctx.is_main:
-        run_dir, state, state_path = locate_run(cfg, report=ctx.print)
+        run_dir, state, state_path = found
         choice = [str(run_dir), str(state_path) if state_path else None]
     else:
         choice = [None, None]
     choice = ctx.broadcast_from_main(choice)
     if ctx.is_main:
-        return run_dir, state, state_path
+        return found
     state_path = Path(choice[1]) if choice[1] else None
     return Path(choice[0]), load_checkpoint(state_path) if state_path else None, state_path
+
+
+def take_run_folder(run_dir: Path) -> RunLock:
+    """The run folder, made if new, locked against a second training process."""
+    lock = RunLock(run_dir)
+    lock.acquire()
+    return lock
 
 
 def config_for_resume(cfg: TrainConfig, state: dict, path: Path, report) -> TrainConfig:
@@ -266,13 +278,15 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     scaler = make_scaler(cfg, device)
     seed_everything(cfg.seed + ctx.rank)
 
-    if ctx.is_main:
+    def open_run_files() -> MetricsLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         if state is None:
             write_config(run_dir, to_dict(cfg))
-    # a fresh start empties what a failed start left; a resume drops what followed its checkpoint
-    keep_bytes = dict.fromkeys(METRICS_FILES, 0) if state is None else state.get("metrics_bytes")
-    log = MetricsLog(run_dir, to_dict(cfg), cfg.wandb, cfg.wandb_project, keep_bytes) if ctx.is_main else None
+        # a fresh start empties what a failed start left; a resume drops what followed its checkpoint
+        keep_bytes = dict.fromkeys(METRICS_FILES, 0) if state is None else state.get("metrics_bytes")
+        return MetricsLog(run_dir, to_dict(cfg), cfg.wandb, cfg.wandb_project, keep_bytes)
+
+    log = ctx.run_on_main(open_run_files)  # rank 0 writes; a failure there stops every rank
     ctx.print(f"run folder: {run_dir}")
     ctx.print(
         f"{cfg.model} g{cfg.group_size} e{cfg.expand_ratio} {cfg.norm}{'+pn' if cfg.proxy_norm else ''}: "

@@ -10,7 +10,9 @@ import datetime
 import gc
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,18 @@ import torch.distributed as dist
 
 class ParallelError(Exception):
     """An impossible parallel layout (world size, splits, batch): refused before any work."""
+
+
+class MainRankFailed(Exception):
+    """On a rank other than 0: work that rank 0 does alone failed there (and rank 0 reports it), so
+    this rank stops too. `error_type`: the name of rank 0's exception class."""
+
+    def __init__(self, error_type: str) -> None:
+        super().__init__(f"rank 0 stopped with {error_type}")
+        self.error_type = error_type
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,6 +87,24 @@ class Context:
         if self.distributed:
             dist.broadcast_object_list(values, src=0)
         return values
+
+    def run_on_main(self, work: Callable[[], T]) -> T | None:
+        """`work()` on rank 0 alone: its result there, None elsewhere. If it raises, rank 0 raises
+        that error and the other ranks MainRankFailed, so that they stop with it instead of waiting
+        in a collective rank 0 never joins (or failing on its lost connection, with a traceback)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = work()
+            except Exception as caught:  # re-raised below, once the others are told
+                error = caught
+        if self.distributed:
+            failed = self.broadcast_from_main([None if error is None else type(error).__name__])[0]
+            if failed is not None and not self.is_main:
+                raise MainRankFailed(failed)
+        if error is not None:
+            raise error
+        return result
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if it is true on any (e.g. a non-finite loss seen by the last stage)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -272,6 +273,48 @@ def test_a_full_disk_stops_every_replica_with_rank_0s_reason(runs: Path) -> None
     assert "exitcode: 1" in log and "exitcode: -" not in log  # both ranks exited 1, none was killed
 
 
+def test_a_disk_too_full_for_the_run_files_stops_every_replica_with_rank_0s_reason(runs: Path) -> None:
+    """The lock file fits, config.yaml does not: rank 0 fails before training, and the other rank,
+    told so, stops with it instead of training into a collective rank 0 never joins."""
+    args = tiny_train_args(runs, *EXACT, "--micro-batch-size", "4", "--replicas", "2", "--run-name", "nofit")
+    result = torchrun(2, args, file_size_limit=64)
+    log = result.stdout + result.stderr
+    assert result.returncode == 1, log
+    assert log.count(f"error: could not write {runs / 'nofit' / 'config.yaml'}") == 1, log
+    assert "Connection closed by peer" not in log and "[rank1]: Traceback" not in log, log
+    assert_rank_0_failed_and_rank_1_followed(log, 1)
+
+
+def assert_rank_0_failed_and_rank_1_followed(log: str, code: int) -> None:
+    """torchrun's summary: rank 0 (the root cause, listed last) exited `code`; rank 1 exited so too,
+    or was still shutting down when torchrun, seeing rank 0's failure, sent it SIGTERM."""
+    codes = re.findall(r"exitcode\s+: (-?\d+)", log)
+    assert len(codes) == 2 and codes[-1] == str(code) and codes[0] in (str(code), "-15"), log
+
+
+def test_a_run_folder_refused_by_rank_0_stops_every_rank_with_its_reason(runs: Path) -> None:
+    """Rank 0 alone picks and locks the run folder. When it refuses one (a run is already there; the
+    folder is locked by a live process), the other ranks stop with it, quietly, instead of failing
+    on a lost connection with a traceback (or waiting in a collective rank 0 never joins)."""
+    args = tiny_train_args(runs, *EXACT, "--micro-batch-size", "4", "--replicas", "2", "--run-name", "taken")
+    (runs / "taken").mkdir(parents=True)
+    (runs / "taken" / "notes.txt").write_text("someone else's")
+    locked = runs / "locked"
+    locked.mkdir()
+    (locked / ".lock").write_text(str(os.getpid()))  # this test's process: alive
+    for extra, reason in [([], f"error: run folder {runs / 'taken'} already holds a run"),
+                          (["--run-name", "locked", "--resume", "auto"],
+                           f"error: run folder {locked} is in use by another training process (pid {os.getpid()})")]:
+        result = torchrun(2, [*args, *extra], timeout=120)
+        log = result.stdout + result.stderr
+        assert result.returncode == 1, log  # torchrun's code for a failed rank
+        assert log.count(reason) == 1, log
+        assert "Connection closed by peer" not in log and "[rank1]: Traceback" not in log, log
+        assert_rank_0_failed_and_rank_1_followed(log, 2)
+    assert (runs / "taken" / "notes.txt").read_text() == "someone else's"
+    assert sorted(path.name for path in locked.iterdir()) == [".lock"]
+
+
 def test_closing_frees_a_ddp_model_held_by_a_reference_cycle(tmp_path: Path) -> None:
     """Context.close() frees what still holds the process group before destroying it: a DDP model
     kept alive by a reference cycle (as an exception's traceback keeps a failed step's frames) was
@@ -336,6 +379,41 @@ def test_killed_worker_resumes_under_max_restarts(runs: Path) -> None:
     assert (run / "final.json").is_file()
     progress = load_checkpoint(list_checkpoints(run)[-1])["progress"]
     assert progress["epoch"] == 2 and progress["step"] == 24
+
+
+def test_sigterm_to_a_torchrun_job_checkpoints_and_resumes_exactly(runs: Path) -> None:
+    """SIGTERM to the whole job (Slurm's stop, `timeout`; Ctrl-C likewise), torchrun, ranks and
+    loader workers alike: the ranks stop together at a step with one checkpoint and one message,
+    and a resume ends where the uninterrupted run ends."""
+    common = [*EXACT, "--micro-batch-size", "4", "--replicas", "2", "--workers", "1", "--epochs", "2",
+              "--max-steps-per-epoch", "40", "--checkpoint-every-steps", "0"]
+    reference = torchrun(2, tiny_train_args(runs, *common, "--run-name", "whole"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    args = tiny_train_args(runs, *common, "--run-name", "stopped")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(ROOT / "run_train.py"), *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    run = runs / "stopped"
+    output = []
+    for line in process.stdout:  # mid-way through the second epoch
+        output.append(line)
+        if line.startswith("train epoch 1/2"):
+            time.sleep(0.5)
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+    output.append(process.communicate(timeout=300)[0])
+    log = "".join(output)
+    stop = list_checkpoints(run)[-1]
+    assert log.count(f"stopped; checkpoint {stop}.") == 1, log[-3000:]
+    assert re.findall(r"exitcode\s+: (-?\d+)", log) == [], log[-3000:]  # no rank failed: they exited 143
+    assert "[rank1]: Traceback" not in log and "worker died" not in log, log[-3000:]
+    progress = load_checkpoint(stop)["progress"]
+    assert progress["epoch"] == 1 and 0 < progress["micro_batch"] < 40, progress
+    resumed = torchrun(2, [*args, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(final_weights(run), final_weights(runs / "whole"), atol=0)
 
 
 def test_compiled_training_follows_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
