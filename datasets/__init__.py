@@ -100,13 +100,36 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[Skip
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def leave_stops_to_the_main_process(worker_id: int) -> None:
     """A loader worker ignores SIGINT and SIGTERM. A terminal's Ctrl-C, `timeout`, and Slurm's or
     a container's stop reach every process of the job: a worker killed by one would end the run
     with a loader error instead of the checkpoint that the main process writes at the next step.
-    The main process shuts its workers down; a worker whose main process dies exits by itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    The main process shuts its workers down; a worker whose main process dies exits by itself.
+    The worker was started with both signals blocked (`StopSafeLoader`): one that came meanwhile is
+    pending, and is discarded here, as SIG_IGN discards a pending signal, before they are unblocked."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class StopSafeLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers are started with SIGINT and SIGTERM blocked, which they inherit,
+    until `leave_stops_to_the_main_process` ignores them: a stop sent to the whole process group
+    while workers start (at each epoch and validation) cannot kill one before it ignores it. In the
+    main process a signal that comes meanwhile waits, and is handled once they have started."""
+
+    def __iter__(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # (no signal masks on Windows)
+            return super().__iter__()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def make_loader(
@@ -119,7 +142,7 @@ def make_loader(
 ) -> torch.utils.data.DataLoader:
     """`device`: where the batches go. For a CUDA device they come in page-locked memory, whose
     `non_blocking` copies to the GPU overlap with its work (from pageable memory they block the host)."""
-    return torch.utils.data.DataLoader(
+    return StopSafeLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
