@@ -299,7 +299,7 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
         progress = Progress(**state["progress"])
         ctx.print(f"resuming from {state_path} ({progress.phase} epoch {progress.epoch}, step {progress.step})")
 
-    with SignalStopper() as stopper:
+    with SignalStopper(ctx.print) as stopper:
         # ---- main training phase
         phase = make_train_phase(cfg, model, num_classes, len(train_set), ctx)
         if progress.phase == "train":
@@ -693,10 +693,12 @@ def seed_everything(seed: int) -> None:
 
 
 class SignalStopper:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the next step boundary and exits.
+    `report`: where to say so (under torchrun, rank 0's `Context.print`: every rank gets the signal)."""
 
-    def __init__(self) -> None:
+    def __init__(self, report=lambda message: print(message, file=sys.stderr)) -> None:
         self.code = 0
+        self.report = report
         self.previous = {}
         for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
             try:
@@ -708,7 +710,7 @@ class SignalStopper:
         if self.code:  # a second signal: stop now
             raise KeyboardInterrupt
         self.code = code
-        print("stop requested: writing a checkpoint at the next step", file=sys.stderr)
+        self.report("stop requested: writing a checkpoint at the next step")
 
     def __enter__(self) -> SignalStopper:
         return self

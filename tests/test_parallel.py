@@ -407,6 +407,7 @@ def test_sigterm_to_a_torchrun_job_checkpoints_and_resumes_exactly(runs: Path) -
     log = "".join(output)
     stop = list_checkpoints(run)[-1]
     assert log.count(f"stopped; checkpoint {stop}.") == 1, log[-3000:]
+    assert log.count("stop requested") == 1, log[-3000:]  # said by rank 0 for all
     assert re.findall(r"exitcode\s+: (-?\d+)", log) == [], log[-3000:]  # no rank failed: they exited 143
     assert "[rank1]: Traceback" not in log and "worker died" not in log, log[-3000:]
     progress = load_checkpoint(stop)["progress"]
