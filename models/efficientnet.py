@@ -123,6 +123,12 @@ def _padding_loss(rows: tuple[int, ...], cols: tuple[int, ...], dtype: torch.dty
         return (kept - 1).reshape(kept.shape[0] * kept.shape[1], -1).to(dtype=dtype, device=device)
 
 
+def launch_bound(x: torch.Tensor) -> bool:
+    """Whether ops on `x` run eager on a GPU, where a step waits on kernel launches: there a fold's
+    small ops on the weights cost more than the elementwise passes they save (docs/benchmarks.md C.8)."""
+    return x.device.type != "cpu" and not torch.compiler.is_compiling()
+
+
 class AddAtBorder(torch.autograd.Function):
     """out[border] += correction[border], in place, for a correction that is 0 in the interior.
 
@@ -221,8 +227,7 @@ class ConvNormAct(nn.Module):
         if not (fold and isinstance(norm_act, ProxyNormAct) and not norm_act.centre_only):
             return self(x, table, input_affine), None
         z = self.apply_conv(x, input_affine)
-        launch_bound = z.device.type != "cpu" and not torch.compiler.is_compiling()
-        if z.numel() < FOLD_MIN_ELEMENTS or launch_bound:
+        if z.numel() < FOLD_MIN_ELEMENTS or launch_bound(z):
             return norm_act(z, table), None
         activated, mean, inv_std = norm_act.forward_split(z, table)
         return activated, norm_act.owed_affine(mean, inv_std)
