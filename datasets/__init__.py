@@ -118,9 +118,13 @@ def leave_stops_to_the_main_process(worker_id: int) -> None:
 
 class StopSafeLoader(torch.utils.data.DataLoader):
     """A DataLoader whose workers are started with SIGINT and SIGTERM blocked, which they inherit,
-    until `leave_stops_to_the_main_process` ignores them: a stop sent to the whole process group
-    while workers start (at each epoch and validation) cannot kill one before it ignores it. In the
-    main process a signal that comes meanwhile waits, and is handled once they have started."""
+    until `leave_stops_to_the_main_process` (their worker_init_fn) ignores them: a stop sent to the
+    whole process group while workers start (at each epoch and validation) cannot kill one before
+    it ignores it. In the main process a signal that comes meanwhile waits, and is handled once
+    they have started."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, worker_init_fn=leave_stops_to_the_main_process, **kwargs)
 
     def __iter__(self):
         if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # (no signal masks on Windows)
@@ -149,7 +153,6 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate_skipping,
         persistent_workers=False,
-        worker_init_fn=leave_stops_to_the_main_process,
         drop_last=drop_last,
         pin_memory=device is not None and device.type == "cuda",
         timeout=shared_memory.BATCH_TIMEOUT_S if workers > 0 else 0,  # a batch lost by a worker ends in an error, not a hang
