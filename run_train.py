@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -696,7 +697,7 @@ class SignalStopper:
     """SIGTERM / SIGINT set a flag; the loop checkpoints at the next step boundary and exits.
     `report`: where to say so (under torchrun, rank 0's `Context.print`: every rank gets the signal)."""
 
-    def __init__(self, report=lambda message: print(message, file=sys.stderr)) -> None:
+    def __init__(self, report: Callable[[str], None]) -> None:
         self.code = 0
         self.report = report
         self.previous = {}

@@ -267,15 +267,16 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
                                      lambda: autocast_context(device, cfg.precision))
         memory = peak_memory_bytes(partial(_forward, tested, args.batch_size, resolution, device, memory_format),
                                    device)
-        rows.append(dict(
+        row = dict(
             checkpoint=str(source), weights=args.weights, resolution=resolution, crop_pct=cfg.crop_pct,
             fine_tune_epochs=args.fine_tune_epochs, top1=result["top1"], top5=result["top5"], loss=result["loss"],
             images=result["images"], skipped=result["skipped"], images_per_s=speed["images_per_s"],
             batch_size=args.batch_size, gmacs=count_macs(tested, resolution) / 1e9,
             peak_memory_mb_per_image=memory / 1e6 / args.batch_size, device=str(device),
             seconds=time.perf_counter() - started,
-        ))
-        row = rows[-1]  # a line per point as it is measured: a long sweep is not silent until its table
+        )
+        rows.append(row)
+        # a line per point as it is measured: a long sweep is not silent until its table
         print(f"{source.name} @ {resolution} px: top-1 {row['top1']:.2f} %, top-5 {row['top5']:.2f} %, "
               f"{row['images_per_s']:.1f} img/s ({row['seconds']:.0f} s)", file=sys.stderr)
     ctx.close()
