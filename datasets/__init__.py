@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +116,23 @@ def leave_stops_to_the_main_process(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def kill_workers_left_at_exit() -> None:
+    """At exit, multiprocessing terminates daemonic children (SIGTERM) and then joins them. Loader
+    workers ignore SIGTERM, so one still running then (its iterator never closed: left in a global,
+    or in a traceback kept by an error) would keep the process from ever exiting. They are killed
+    here, before that: registered after multiprocessing's own exit handler, this runs first.
+    Their deaths are expected then: torch's SIGCHLD handler, which reports a worker killed by a
+    signal as an error, is set back to the default first."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers and hasattr(signal, "SIGCHLD"):  # (none on Windows)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for worker in workers:
+            worker.kill()
+
+
+atexit.register(kill_workers_left_at_exit)  # multiprocessing.util, imported above, registered its handler first
 
 
 class StopSafeLoader(torch.utils.data.DataLoader):

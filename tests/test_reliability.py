@@ -165,6 +165,26 @@ def test_loader_workers_survive_stops_sent_while_they_start(tmp_path: Path) -> N
     assert seen > 0  # the main process still got the signals
 
 
+def test_a_process_exits_with_loader_workers_left_running() -> None:
+    """An iterator never closed (left in a global, or in a traceback an error keeps) leaves its
+    workers running at exit, where multiprocessing stops them with SIGTERM, which they ignore, and
+    then waits for them: the process used to hang there for ever (CI's pytest did). They are killed
+    first, quietly."""
+    script = (
+        "import torch\n"
+        "from datasets import SeededSampler, make_loader\n"
+        "class Items(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n"
+        "        return 32\n"
+        "    def __getitem__(self, index):\n"
+        "        return torch.zeros(3), 0\n"
+        "LEFT = iter(make_loader(Items(), 8, SeededSampler(32, 0, shuffle=False), 2))\n"
+        "next(LEFT)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
 # ---------------------------------------------------------------------------- checkpoint integrity
 
 
