@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from . import shared_memory
 from .generated import GeneratedDataset
@@ -135,12 +136,28 @@ def kill_workers_left_at_exit() -> None:
 atexit.register(kill_workers_left_at_exit)  # multiprocessing.util, imported above, registered its handler first
 
 
+class _StopSafeIterator(_MultiProcessingDataLoaderIter):
+    """DataLoader ends a worker that has not exited when its iterator closes (one stuck in a read,
+    or whose batch timed out) with SIGTERM, which loader workers ignore: such a worker is killed,
+    instead of living on with its memory until the process ends."""
+
+    def _shutdown_workers(self) -> None:
+        closing = not getattr(self, "_shutdown", True)
+        super()._shutdown_workers()  # also stops torch watching these workers' deaths
+        if closing and self._shutdown:  # (not at interpreter exit, where it does nothing)
+            for worker in self._workers:
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(timeout=5)
+
+
 class StopSafeLoader(torch.utils.data.DataLoader):
     """A DataLoader whose workers are started with SIGINT and SIGTERM blocked, which they inherit,
     until `leave_stops_to_the_main_process` (their worker_init_fn) ignores them: a stop sent to the
     whole process group while workers start (at each epoch and validation) cannot kill one before
     it ignores it. In the main process a signal that comes meanwhile waits, and is handled once
-    they have started."""
+    they have started. Since workers ignore SIGTERM, one that outlives its iterator's shutdown is
+    killed (`_StopSafeIterator`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, worker_init_fn=leave_stops_to_the_main_process, **kwargs)
@@ -153,6 +170,12 @@ class StopSafeLoader(torch.utils.data.DataLoader):
             return super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        self.check_worker_number_rationality()
+        return _StopSafeIterator(self)
 
 
 def make_loader(

@@ -4,6 +4,7 @@ docs/reliability.md points to them."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import pickle
@@ -183,6 +184,33 @@ def test_a_process_exits_with_loader_workers_left_running() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+class _StuckItems(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        time.sleep(120)  # a read that never returns: a dead network mount
+        return torch.zeros(3), 0
+
+
+def test_a_worker_stuck_at_shutdown_is_killed(monkeypatch) -> None:
+    """DataLoader ends a worker that does not exit when its iterator closes (one stuck in a read)
+    with SIGTERM, which loader workers ignore: it used to live on, holding its memory, until the
+    process ended. It is killed."""
+    monkeypatch.setattr(shared_memory, "BATCH_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.5)  # its waits for a worker to exit
+    iterator = iter(make_loader(_StuckItems(), 2, SeededSampler(4, 0), workers=1))
+    workers = list(iterator._workers)
+    with pytest.raises(RuntimeError, match="DataLoader timed out"):
+        next(iterator)
+    del iterator
+    gc.collect()  # the error's traceback held the iterator too
+    deadline = time.monotonic() + 30
+    while any(worker.is_alive() for worker in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(worker.is_alive() for worker in workers)
 
 
 # ---------------------------------------------------------------------------- checkpoint integrity
