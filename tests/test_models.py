@@ -18,6 +18,7 @@ from models.config import NormConfig, round_channels, spatial_conv_groups
 from models.efficientnet import ConvNormAct
 from models.flops import count_macs
 from models.proxy_norm import ProxyNormAct, proxy_moments, proxy_quantiles, proxy_table
+from models.torchvision_weights import TorchvisionWeightsError, load_torchvision_weights
 
 TINY = dict(width=0.25, depth=0.34, num_classes=10, dropout=0.0, stochastic_depth=0.0)
 
@@ -38,6 +39,65 @@ def test_g1_bn_matches_torchvision_macs() -> None:
         theirs = torchvision.models.efficientnet_b0()
     assert count_macs(ours, 224) == count_macs(theirs, 224)
     assert count_macs(ours, 224) / 1e9 == pytest.approx(0.386, rel=0.01)
+
+
+@pytest.mark.parametrize("size", [0, 2])
+def test_g1_bn_with_torchvision_weights_computes_torchvision_function(size: int) -> None:
+    """The strongest check of the architecture: with torchvision's weights (and running statistics
+    that matter), our G1-BN model gives torchvision's outputs in eval mode, and in training mode
+    (dropout and stochastic depth drawn from the same seed) its outputs and every gradient."""
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, f"efficientnet_b{size}")().double()
+    state = theirs.state_dict()
+    for name, tensor in state.items():
+        if name.endswith("running_mean"):
+            tensor.normal_(0, 0.2)
+        elif name.endswith("running_var"):
+            tensor.uniform_(0.5, 2.0)
+    ours = create_model(f"efficientnet-b{size}", **VARIANTS["g1-bn"]).double()
+    load_torchvision_weights(ours, state)
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = theirs.eval()(x)
+        torch.testing.assert_close(ours.eval()(x), expected, rtol=1e-12, atol=1e-12)
+    assert expected.std() > 0.05  # (not a degenerate output)
+    outputs, grads = [], []
+    for model in (ours.train(), theirs.train()):
+        torch.manual_seed(1)
+        out = model(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outputs.append(out)
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-10)
+    for ours_grad, their_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(ours_grad, their_grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours.stem.norm_act.norm.running_mean, theirs.features[0][1].running_mean)
+
+
+def test_torchvision_weights_load_from_a_file_and_misfits_are_named(tmp_path) -> None:
+    theirs = torchvision.models.efficientnet_b0(num_classes=10)
+    path = tmp_path / "efficientnet_b0.pth"
+    torch.save(theirs.state_dict(), path)
+    ours = create_model("efficientnet-b0", **VARIANTS["g1-bn"], num_classes=10)
+    load_torchvision_weights(ours, path)
+    torch.testing.assert_close(ours.classifier[1].weight, theirs.classifier[1].weight)
+    thousand = create_model("efficientnet-b0", **VARIANTS["g1-bn"])
+    with pytest.raises(TorchvisionWeightsError, match=r"classifier\.1\.weight.*\(10, 1280\).*classifier=False"):
+        load_torchvision_weights(thousand, path)
+    kept = thousand.classifier[1].weight.clone()
+    load_torchvision_weights(thousand, path, classifier=False)  # other classes: its own classifier stays
+    assert torch.equal(thousand.classifier[1].weight, kept)
+    torch.testing.assert_close(thousand.stem.conv.weight, theirs.features[0][0].weight)
+    with pytest.raises(TorchvisionWeightsError, match="only a G1-BN model"):
+        load_torchvision_weights(create_model("efficientnet-b0", **VARIANTS["g16-gn"]), path)
+    with pytest.raises(TorchvisionWeightsError, match=r"is it the same model size"):
+        load_torchvision_weights(create_model("efficientnet-b1", **VARIANTS["g1-bn"], num_classes=10),
+                                 {**torchvision.models.efficientnet_b2(num_classes=10).state_dict()})
+    with pytest.raises(TorchvisionWeightsError, match="not found"):
+        load_torchvision_weights(ours, tmp_path / "missing.pth")
+    (tmp_path / "torn.pth").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(TorchvisionWeightsError, match="does not load as a state dict"):
+        load_torchvision_weights(ours, tmp_path / "torn.pth")
 
 
 def test_g16_b0_size_and_macs_match_reference() -> None:
