@@ -74,6 +74,7 @@ from training.data import open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
 from training.finetune import check_layer_name, freeze_before, train_mode
 from training.host_memory import retain_freed_memory
+from training.initial_weights import fit_initial_weights, load_initial_weights
 from training.metrics import METRICS_FILES, MetricsLog
 from training.mixing import BatchMixer
 from training.optim import LRSchedule, optimizer_from_config, parameter_groups
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if state is not None:
             cfg = config_for_resume(cfg, state, state_path, ctx.print)
             check_before_work(cfg)
+        if state is None and cfg.initial_weights:  # (a resume takes its weights from the checkpoint)
+            fit_initial_weights(meta_model(cfg), cfg.initial_weights)
         check_data_folder(cfg)  # the checkpoint's data folder when resuming: --data-path is not run control
         check_loader_memory(cfg, ctx)
         if ctx.is_main:
@@ -275,6 +278,8 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     # ---- model: the same initial weights on every rank, then a different RNG stream per rank
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **model_overrides(cfg, num_classes)).to(device, memory_format=memory_format)
+    if state is None and cfg.initial_weights:
+        ctx.print(load_initial_weights(model, cfg.initial_weights))
     runner = parallel.wrap(model, cfg, ctx)
     scaler = make_scaler(cfg, device)
     seed_everything(cfg.seed + ctx.rank)

@@ -697,3 +697,84 @@ def test_real_wandb_writes_an_offline_run_without_the_network(tmp_path: Path) ->
     assert "wandb could not start" not in result.stderr and "wandb logging failed" not in result.stderr
     offline = list((tmp_path / "runs" / "w" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------- --initial-weights
+
+
+def _same_tensors(got: dict, expected: dict, skip: str = "\0") -> None:
+    assert got.keys() == expected.keys()
+    for name in got:
+        if not name.startswith(skip):
+            assert torch.equal(got[name], expected[name]), name
+
+
+def test_initial_weights_from_a_run_or_its_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run of 0 epochs from --initial-weights ends with exactly those weights, and scores what the
+    run that made them scored; a classifier of another size starts afresh, the rest is loaded."""
+    runs = tmp_path / "runs"
+    assert run_train.main(tiny_train_args(runs, "--fine-tune-epochs", "0", "--epochs", "1", "--run-name", "a")) == 0
+    exported = load_file(runs / "a" / "model.safetensors")
+    checkpoint = list_checkpoints(runs / "a")[-1]
+    for name, source, expected in (("b", runs / "a" / "model.safetensors", exported),
+                                   ("c", checkpoint, load_checkpoint(checkpoint)["model"])):
+        args = tiny_train_args(runs, "--epochs", "0", "--run-name", name, "--initial-weights", str(source))
+        assert run_train.main(args) == 0
+        _same_tensors(load_file(runs / name / "model.safetensors"), expected)
+        assert f"initial weights: {source}" in capsys.readouterr().err
+    final = {name: json.loads((runs / name / "final.json").read_text()) for name in ("a", "b")}
+    assert final["b"]["top1"] == final["a"]["top1"] and final["b"]["loss"] == final["a"]["loss"]
+
+    args = tiny_train_args(runs, "--epochs", "0", "--run-name", "d", "--num-classes", "12",
+                           "--initial-weights", str(runs / "a" / "model.safetensors"))
+    assert run_train.main(args) == 0
+    assert "its classifier (10 classes) is left out and this run's (12) starts from random weights" in \
+        capsys.readouterr().err
+    other = load_file(runs / "d" / "model.safetensors")
+    assert other["classifier.1.weight"].shape == (12, exported["classifier.1.weight"].shape[1])
+    _same_tensors(other, {**exported, **{k: other[k] for k in other if k.startswith("classifier.")}})
+
+
+def test_initial_weights_from_torchvision(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """torchvision's ImageNet file (1000 classes) starts a G1-BN run on the 10 demo classes: every
+    tensor but the classifier is torchvision's, BatchNorm's running statistics included."""
+    import torchvision
+
+    from models.torchvision_weights import torchvision_to_ours
+
+    torch.manual_seed(3)
+    theirs = torchvision.models.efficientnet_b0()
+    path = tmp_path / "efficientnet_b0.pth"
+    torch.save(theirs.state_dict(), path)
+    g1_bn = ["--width", "1.0", "--depth", "1.0", "--group-size", "1", "--expand-ratio", "6", "--norm", "batch",
+             "--proxy-norm", "false", "--epochs", "0", "--run-name", "tv", "--initial-weights", str(path)]
+    assert run_train.main(tiny_train_args(tmp_path / "runs", *g1_bn)) == 0
+    assert "(torchvision's weights); its classifier (1000 classes) is left out" in capsys.readouterr().err
+    got = load_file(tmp_path / "runs" / "tv" / "model.safetensors")
+    ours = create_model("efficientnet-b0", group_size=1, expand_ratio=6, norm="batch")
+    _same_tensors(got, torchvision_to_ours(ours, theirs.state_dict()), skip="classifier.")
+    assert got["classifier.1.weight"].shape[0] == 10
+
+
+def test_initial_weights_are_checked_before_work_and_not_needed_to_resume(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    weights = tmp_path / "w.pt"
+    torch.save(create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=10).state_dict(), weights)
+    cases = [
+        (tmp_path / "missing.pt", "--initial-weights: weights file not found"),
+        (weights, "does not fit this config's model"),  # G1 e6 GN weights for the demo's G16 LN+PN model
+    ]
+    for source, message in cases:
+        assert run_train.main(tiny_train_args(runs, "--run-name", "bad", "--initial-weights", str(source))) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not (runs / "bad").exists()
+    demo = tiny_train_args(runs, "--run-name", "a", "--epochs", "1", "--fine-tune-epochs", "0")
+    assert run_train.main(demo) == 0
+    exported = tmp_path / "start.safetensors"
+    (runs / "a" / "model.safetensors").rename(exported)
+    args = tiny_train_args(runs, "--run-name", "r", "--initial-weights", str(exported))
+    assert run_train.main([*args, "--stop-after-steps", "1"]) == 143
+    exported.unlink()  # a resume takes its weights from the checkpoint
+    assert run_train.main([*args, "--resume", "auto"]) == 0

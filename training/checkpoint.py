@@ -91,19 +91,18 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(Path(path), lambda handle: torch.save(state, handle))
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_torch_file(path: str | Path, what: str) -> object:
+    """A file of torch.save's, loaded with weights_only=True (tensors and plain data only); each way
+    it can fail is a CheckpointError naming the file as `what` ("checkpoint", "weights file")."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    if path.suffix == ".safetensors":  # torch.load would misread it as a pickle
-        raise CheckpointError(f"{path} holds exported weights, not a training checkpoint (checkpoint-*.pt, "
-                              f"which also holds the optimizer and the run's progress)")
+        raise CheckpointError(f"{what} {path} is empty (0 bytes)")
     try:
         with warnings.catch_warnings():  # a raw pickle gets torch's protocol warning before its refusal below
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         # the weights-only unpickler names the global it refused (a function or class to be called);
@@ -111,13 +110,21 @@ def load_checkpoint(path: str | Path) -> dict:
         refused = [line for line in lines if _REFUSED_GLOBAL.search(line)]
         if refused:
             raise CheckpointError(
-                f"checkpoint {path} holds objects that could run code when unpickled; refused "
+                f"{what} {path} holds objects that could run code when unpickled; refused "
                 f"(only tensors and plain data are loaded): {refused[0]}"
             ) from None
         if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; text, images, raw pickles are not
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or not a PyTorch checkpoint at all: "
+            raise CheckpointError(f"{what} {path} is truncated or corrupt, or not a PyTorch {what} at all: "
                                   f"torch.save writes a zip archive, and this file is not a complete one") from None
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {lines[0]}") from None
+        raise CheckpointError(f"{what} {path} is truncated or corrupt: {lines[0]}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if path.suffix == ".safetensors":  # torch.load would misread it as a pickle
+        raise CheckpointError(f"{path} holds exported weights, not a training checkpoint (checkpoint-*.pt, "
+                              f"which also holds the optimizer and the run's progress)")
+    state = load_torch_file(path, "checkpoint")
     if not isinstance(state, dict) or "model" not in state or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a checkpoint written by this application")
     return state
