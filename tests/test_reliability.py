@@ -319,7 +319,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
+def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "checkpoint-000000009.pt"
     torch.save({"model": {}, "format_version": 1, "payload": _RunsCode(marker)}, evil)
@@ -331,6 +331,8 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
         load_checkpoint(raw)
     result = run_cli("run_validate.py", "--checkpoint", str(evil))
     assert result.returncode == 2 and "could run code" in result.stderr
+    assert run_train.main(tiny_train_args(tmp_path / "runs", "--initial-weights", str(evil))) == 2
+    assert f"--initial-weights: weights file {evil} holds objects that could run code" in capsys.readouterr().err
     assert not marker.exists()
 
 
