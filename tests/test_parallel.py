@@ -115,6 +115,19 @@ def test_two_stage_pipeline_equals_unsplit_model(runs: Path) -> None:
     assert json.loads((runs / "pipe" / "final.json").read_text())["step"] == 3
 
 
+def test_a_pipeline_from_initial_weights_trains_as_one_process_does(runs: Path) -> None:
+    """--initial-weights is loaded before the model is split into stages: a 2-stage pipeline
+    started from a run's weights ends where one process started from them ends."""
+    common = [*EXACT, "--micro-batch-size", "4", "--gradient-accumulation", "2"]
+    assert run_train.main(tiny_train_args(runs, *common, "--run-name", "start")) == 0
+    start = ["--initial-weights", str(runs / "start" / "model.safetensors")]
+    assert run_train.main(tiny_train_args(runs, *common, *start, "--run-name", "whole")) == 0
+    result = torchrun(2, tiny_train_args(runs, *common, *start, "--pipeline-splits", "blocks.3", "--run-name", "pipe"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(final_weights(runs / "whole"), final_weights(runs / "pipe"), atol=1e-5)
+    assert max_difference(final_weights(runs / "whole"), final_weights(runs / "start")) > 1e-3  # both trained on
+
+
 def test_two_stages_times_two_replicas(runs: Path) -> None:
     common = [*EXACT, "--micro-batch-size", "2", "--gradient-accumulation", "2"]
     assert run_train.main(tiny_train_args(runs, *common, "--micro-batch-size", "4", "--run-name", "whole")) == 0
