@@ -75,6 +75,8 @@ timm_row=()
 "$python" -c 'import timm' 2>/dev/null && timm_row=(timm:efficientnet_b0@224+fp32+nocl)
 # target 1 (and 3): G1-BN native, G16-GN native, G16-LN+PN native and half resolution, fp32 NCHW
 paper=($b0-g1-bn@224+fp32+nocl $b0-g16-gn@224+fp32+nocl $b0-g16-lnpn@224+fp32+nocl $b0-g16-lnpn@160+fp32+nocl)
+b2=efficientnet-b2
+paper_b2=($b2-g1-bn@260+fp32+nocl $b2-g16-gn@260+fp32+nocl $b2-g16-lnpn@260+fp32+nocl $b2-g16-lnpn@196+fp32+nocl)
 lnpn=$b0-g16-lnpn@160
 ln=$b0-g16-lnpn@160+proxy_norm=false
 run_named() {
@@ -107,6 +109,12 @@ run_named() {
             $lnpn+bf16+cl+compile+compile_mode=reduce-overhead $ln+bf16+cl+compile+compile_mode=reduce-overhead ;;
         profile_compiled) bench "$1" 300 --rounds 1 --profile-calls 3 --profile-rows 30 --compare \
             $lnpn+bf16+cl+compile $ln+bf16+cl+compile ;;
+        # B2 (docs/benchmarks.md C.10): the paper's comparison at 260 and 196 px, eager fp32 (a cuDNN
+        # autotune of 10-35 s per new shape comes first); then what C.10 left: CUDA graphs for
+        # G16-LN+PN at the reduced resolution against eager, and against G1-BN at its best eager setting
+        train_paper_b2) bench "$1" 200 --compare "${paper_b2[@]}" ;;
+        train_b2_cuda_graphs) bench "$1" 400 --rounds 1 --compare $b2-g1-bn@260+bf16+cl $b2-g16-lnpn@196+bf16+cl \
+            $b2-g16-lnpn@196+bf16+cl+compile+compile_mode=reduce-overhead ;;
         *) echo "unknown step $1" >&2; failed=1 ;;
     esac
 }
