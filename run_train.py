@@ -74,7 +74,7 @@ from training.data import open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
 from training.finetune import check_layer_name, freeze_before, train_mode
 from training.host_memory import retain_freed_memory
-from training.initial_weights import fit_initial_weights, load_initial_weights
+from training.initial_weights import InitialWeights, fit_initial_weights, load_initial_weights, read_initial_weights
 from training.metrics import METRICS_FILES, MetricsLog
 from training.mixing import BatchMixer
 from training.optim import LRSchedule, optimizer_from_config, parameter_groups
@@ -142,14 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         if state is not None:
             cfg = config_for_resume(cfg, state, state_path, ctx.print)
             check_before_work(cfg)
+        initial = None
         if state is None and cfg.initial_weights:  # (a resume takes its weights from the checkpoint)
-            fit_initial_weights(meta_model(cfg), cfg.initial_weights)
+            initial = read_initial_weights(cfg.initial_weights)
+            fit_initial_weights(meta_model(cfg), initial)
         check_data_folder(cfg)  # the checkpoint's data folder when resuming: --data-path is not run control
         check_loader_memory(cfg, ctx)
         if ctx.is_main:
             created = None if run_dir.exists() else run_dir
         lock = ctx.run_on_main(partial(take_run_folder, run_dir))
-        return train(cfg, ctx, run_dir, state, state_path)
+        return train(cfg, ctx, run_dir, state, state_path, initial)
     except parallel.MainRankFailed as failed:  # rank 0 has said why
         return 1 if failed.error_type == WriteError.__name__ else 2
     except (ConfigError, DataError, CheckpointError, parallel.ParallelError) as error:
@@ -254,7 +256,8 @@ def check_loader_memory(cfg: TrainConfig, ctx: parallel.Context) -> None:
     check_shared_memory(cfg.workers, ctx.local_world_size, max(sizes), "--workers or --micro-batch-size")
 
 
-def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | None, state_path: Path | None) -> int:
+def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | None, state_path: Path | None,
+          initial: InitialWeights | None = None) -> int:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     device = ctx.device
@@ -278,8 +281,8 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     # ---- model: the same initial weights on every rank, then a different RNG stream per rank
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **model_overrides(cfg, num_classes)).to(device, memory_format=memory_format)
-    if state is None and cfg.initial_weights:
-        ctx.print(load_initial_weights(model, cfg.initial_weights))
+    if initial is not None:
+        ctx.print(load_initial_weights(model, initial))
     runner = parallel.wrap(model, cfg, ctx)
     scaler = make_scaler(cfg, device)
     seed_everything(cfg.seed + ctx.rank)

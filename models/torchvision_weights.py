@@ -4,18 +4,14 @@ A G1-BN model here holds the same tensors as torchvision's `efficientnet_b0` …
 order (stem, blocks, head, classifier; in each layer the conv, then its norm), under other names.
 So a torchvision state dict maps onto it by position, each tensor's kind and shape checked, and
 the two models then compute the same function (a test checks outputs and gradients against
-torchvision's). That lets a G1-BN run start from the ImageNet weights a user has on disk:
-
-    model = create_model("efficientnet-b0")  # G1-BN, expansion 6: torchvision's architecture
-    load_torchvision_weights(model, "efficientnet_b0_rwightman-7f5810bc.pth")
-
-The G16 and Proxy Norm variants have other tensors; they have no torchvision weights.
+torchvision's). That lets a G1-BN run start from the ImageNet weights a user has on disk: files
+are read by `training.initial_weights` (`run_train.py --initial-weights`), with the checkpoints'
+safe loader. The G16 and Proxy Norm variants have other tensors; they have no torchvision weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,20 +47,3 @@ def torchvision_to_ours(model: nn.Module, theirs: Mapping[str, torch.Tensor],
                 f"{tuple(mine.shape)}{hint}")
         mapped[name] = tensor.to(mine.dtype)
     return mapped
-
-
-def load_torchvision_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor],
-                             classifier: bool = True) -> None:
-    """Load torchvision's EfficientNet weights (a state dict, or its file, read with weights_only)
-    into the G1-BN `model`, in place."""
-    if not isinstance(source, Mapping):
-        path = Path(source)
-        if not path.is_file():
-            raise TorchvisionWeightsError(f"torchvision weights file not found: {path}")
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a truncated file, or one holding more than tensors
-            raise TorchvisionWeightsError(f"{path} does not load as a state dict: {error}") from None
-        if not isinstance(source, Mapping):
-            raise TorchvisionWeightsError(f"{path} holds a {type(source).__name__}, not a state dict")
-    model.load_state_dict(torchvision_to_ours(model, source, classifier))

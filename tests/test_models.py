@@ -18,7 +18,7 @@ from models.config import NormConfig, round_channels, spatial_conv_groups
 from models.efficientnet import ConvNormAct
 from models.flops import count_macs
 from models.proxy_norm import ProxyNormAct, proxy_moments, proxy_quantiles, proxy_table
-from models.torchvision_weights import TorchvisionWeightsError, load_torchvision_weights
+from models.torchvision_weights import TorchvisionWeightsError, torchvision_to_ours
 
 TINY = dict(width=0.25, depth=0.34, num_classes=10, dropout=0.0, stochastic_depth=0.0)
 
@@ -55,7 +55,7 @@ def test_g1_bn_with_torchvision_weights_computes_torchvision_function(size: int)
         elif name.endswith("running_var"):
             tensor.uniform_(0.5, 2.0)
     ours = create_model(f"efficientnet-b{size}", **VARIANTS["g1-bn"]).double()
-    load_torchvision_weights(ours, state)
+    ours.load_state_dict(torchvision_to_ours(ours, state))
     x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         expected = theirs.eval()(x)
@@ -74,30 +74,25 @@ def test_g1_bn_with_torchvision_weights_computes_torchvision_function(size: int)
     torch.testing.assert_close(ours.stem.norm_act.norm.running_mean, theirs.features[0][1].running_mean)
 
 
-def test_torchvision_weights_load_from_a_file_and_misfits_are_named(tmp_path) -> None:
+def test_torchvision_state_dict_maps_onto_g1_bn_and_misfits_are_named() -> None:
+    """(Reading torchvision's files: `--initial-weights`, tests/test_training.py.)"""
     theirs = torchvision.models.efficientnet_b0(num_classes=10)
-    path = tmp_path / "efficientnet_b0.pth"
-    torch.save(theirs.state_dict(), path)
+    state = theirs.state_dict()
     ours = create_model("efficientnet-b0", **VARIANTS["g1-bn"], num_classes=10)
-    load_torchvision_weights(ours, path)
+    ours.load_state_dict(torchvision_to_ours(ours, state))
     torch.testing.assert_close(ours.classifier[1].weight, theirs.classifier[1].weight)
     thousand = create_model("efficientnet-b0", **VARIANTS["g1-bn"])
     with pytest.raises(TorchvisionWeightsError, match=r"classifier\.1\.weight.*\(10, 1280\).*classifier=False"):
-        load_torchvision_weights(thousand, path)
+        torchvision_to_ours(thousand, state)
     kept = thousand.classifier[1].weight.clone()
-    load_torchvision_weights(thousand, path, classifier=False)  # other classes: its own classifier stays
+    thousand.load_state_dict(torchvision_to_ours(thousand, state, classifier=False))  # other classes: its own stays
     assert torch.equal(thousand.classifier[1].weight, kept)
     torch.testing.assert_close(thousand.stem.conv.weight, theirs.features[0][0].weight)
     with pytest.raises(TorchvisionWeightsError, match="only a G1-BN model"):
-        load_torchvision_weights(create_model("efficientnet-b0", **VARIANTS["g16-gn"]), path)
+        torchvision_to_ours(create_model("efficientnet-b0", **VARIANTS["g16-gn"]), state)
     with pytest.raises(TorchvisionWeightsError, match=r"is it the same model size"):
-        load_torchvision_weights(create_model("efficientnet-b1", **VARIANTS["g1-bn"], num_classes=10),
-                                 {**torchvision.models.efficientnet_b2(num_classes=10).state_dict()})
-    with pytest.raises(TorchvisionWeightsError, match="not found"):
-        load_torchvision_weights(ours, tmp_path / "missing.pth")
-    (tmp_path / "torn.pth").write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(TorchvisionWeightsError, match="does not load as a state dict"):
-        load_torchvision_weights(ours, tmp_path / "torn.pth")
+        torchvision_to_ours(create_model("efficientnet-b1", **VARIANTS["g1-bn"], num_classes=10),
+                            torchvision.models.efficientnet_b2(num_classes=10).state_dict())
 
 
 def test_g16_b0_size_and_macs_match_reference() -> None:

@@ -761,8 +761,11 @@ def test_initial_weights_are_checked_before_work_and_not_needed_to_resume(
     runs = tmp_path / "runs"
     weights = tmp_path / "w.pt"
     torch.save(create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=10).state_dict(), weights)
+    torn = tmp_path / "torn.pth"
+    torn.write_bytes(weights.read_bytes()[:1000])
     cases = [
         (tmp_path / "missing.pt", "--initial-weights: weights file not found"),
+        (torn, f"--initial-weights: weights file {torn} is truncated or corrupt"),
         (weights, "does not fit this config's model"),  # G1 e6 GN weights for the demo's G16 LN+PN model
     ]
     for source, message in cases:

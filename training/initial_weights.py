@@ -12,6 +12,7 @@ starts from the same weights. A resumed run takes its weights from its checkpoin
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,29 +25,38 @@ from .config import ConfigError
 from .trained import load_weights
 
 
-def read_initial_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict, what kind of file it was). Files load with weights_only=True."""
+@dataclass
+class InitialWeights:
+    """A weights file as read: its tensors under the names it gave them, and what kind of file it was."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    kind: str
+
+
+def read_initial_weights(path: str | Path) -> InitialWeights:
+    """The file's weights, loaded with weights_only=True."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            return load_weights(path)[1], "a run's exported weights"
+            return InitialWeights(path, load_weights(path)[1], "a run's exported weights")
         loaded = load_torch_file(path, "weights file")
     except CheckpointError as error:
         raise ConfigError(f"--initial-weights: {error}") from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping) and "config" in loaded:
-        return dict(loaded["model"]), "a checkpoint's raw weights"
+        return InitialWeights(path, dict(loaded["model"]), "a checkpoint's raw weights")
     if isinstance(loaded, Mapping) and loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
         if any(str(name).startswith("features.") for name in loaded):
-            return dict(loaded), "torchvision's weights"
-        return dict(loaded), "a state dict"
+            return InitialWeights(path, dict(loaded), "torchvision's weights")
+        return InitialWeights(path, dict(loaded), "a state dict")
     raise ConfigError(f"--initial-weights {path} holds a {type(loaded).__name__}, not weights: give a run's "
                       f"model.safetensors or checkpoint, or torchvision's EfficientNet file")
 
 
-def fit_initial_weights(model: nn.Module, path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+def fit_initial_weights(model: nn.Module, weights: InitialWeights) -> tuple[dict[str, torch.Tensor], str]:
     """The file's weights as `model`'s state dict, and a line saying what was loaded. `model` may
     be on the meta device: the check made before any work."""
-    state, kind = read_initial_weights(path)
+    state, kind, path = weights.state, weights.kind, weights.path
     own = model.state_dict()
     theirs_classifier = state.get("classifier.1.weight")
     fresh_classifier = theirs_classifier is not None and theirs_classifier.shape != own["classifier.1.weight"].shape
@@ -77,8 +87,11 @@ def fit_initial_weights(model: nn.Module, path: str | Path) -> tuple[dict[str, t
     return fitted, f"initial weights: {path} ({kind}){note}"
 
 
-def load_initial_weights(model: nn.Module, path: str | Path) -> str:
-    """Load the file's weights into `model` in place; the line saying what was loaded."""
-    fitted, line = fit_initial_weights(model, path)
+def load_initial_weights(model: nn.Module, weights: InitialWeights | str | Path) -> str:
+    """Load the weights (a file, or a file already read) into `model` in place; the line saying what
+    was loaded."""
+    if not isinstance(weights, InitialWeights):
+        weights = read_initial_weights(weights)
+    fitted, line = fit_initial_weights(model, weights)
     model.load_state_dict(fitted)
     return line
