@@ -4,6 +4,7 @@ integrals, batch independence, and the depth behaviour Proxy Norm exists to fix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from scipy import integrate, special, stats
+from torch import nn
 
 from models import FAMILY, VARIANTS, EfficientNet, count_parameters, create_model, is_proxy_parameter, list_models
 from models.analysis import collapse_profile
@@ -93,6 +95,68 @@ def test_torchvision_state_dict_maps_onto_g1_bn_and_misfits_are_named() -> None:
     with pytest.raises(TorchvisionWeightsError, match=r"is it the same model size"):
         torchvision_to_ours(create_model("efficientnet-b1", **VARIANTS["g1-bn"], num_classes=10),
                             torchvision.models.efficientnet_b2(num_classes=10).state_dict())
+
+
+def _timm_grouped_efficientnet(size: str, norm_groups: int) -> nn.Module:
+    """timm's own EfficientNet builder, told the paper's G16 changes: expansion 4 in every MBConv6
+    stage, 16 channels per group in every spatial conv, GroupNorm (eps 1e-3) with SiLU."""
+    from timm.layers import GroupNormAct
+    from timm.models._efficientnet_builder import decode_arch_def, round_channels
+    from timm.models.efficientnet import EfficientNet as TimmEfficientNet
+
+    member = FAMILY[size]
+    stages = [["ds_r1_k3_s1_e1_c16_se0.25"]] + [
+        [f"ir_r{repeats}_k{kernel}_s{stride}_e4_c{channels}_se0.25"]
+        for repeats, kernel, stride, channels in [(2, 3, 2, 24), (2, 5, 2, 40), (3, 3, 2, 80), (3, 5, 1, 112),
+                                                  (4, 5, 2, 192), (1, 3, 1, 320)]]
+    rounding = functools.partial(round_channels, multiplier=member.width, divisor=8)
+    return TimmEfficientNet(
+        block_args=decode_arch_def(stages, member.depth, group_size=16), num_features=rounding(1280),
+        stem_size=32, round_chs_fn=rounding, act_layer=nn.SiLU, drop_rate=member.dropout, drop_path_rate=0.2,
+        norm_layer=functools.partial(GroupNormAct, num_groups=norm_groups, eps=1e-3))
+
+
+@pytest.mark.parametrize("size, norm", [("efficientnet-b0", "group"), ("efficientnet-b0", "layer"),
+                                        ("efficientnet-b2", "group")])
+def test_g16_computes_timms_grouped_efficientnet(size: str, norm: str) -> None:
+    """The G16 models (without Proxy Norm) against an independent build of the same network: timm's
+    EfficientNet builder with group size 16 and expansion 4. Same tensors in the same order, and
+    with timm's weights (norm affines made non-trivial) the same outputs in eval mode, and in
+    training mode (dropout and stochastic depth from the same seed) the same outputs and gradients."""
+    torch.manual_seed(0)
+    theirs = _timm_grouped_efficientnet(size, norm_groups=4 if norm == "group" else 1).double()
+    ours = create_model(size, **{**VARIANTS["g16-gn"], "norm": norm}).double()
+    state = theirs.state_dict()
+    with torch.no_grad():
+        for tensor in state.values():
+            if tensor.dim() == 1:  # norm scales and shifts, conv biases
+                tensor.add_(torch.randn_like(tensor), alpha=0.3)
+    mine = ours.state_dict()
+    assert len(mine) == len(state) and count_parameters(ours) == count_parameters(theirs)
+    for (name, tensor), (their_name, their_tensor) in zip(mine.items(), state.items()):
+        assert name.rsplit(".", 1)[-1] == their_name.rsplit(".", 1)[-1], (name, their_name)
+        assert tensor.shape == their_tensor.shape, (name, their_name)
+    ours.load_state_dict(dict(zip(mine, state.values())))
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = theirs.eval()(x)
+        torch.testing.assert_close(ours.eval()(x), expected, rtol=1e-12, atol=1e-12)
+    assert expected.std() > 0.05
+    outputs, grads = [], []
+    for model in (ours.train(), theirs.train()):
+        torch.manual_seed(1)
+        out = model(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outputs.append(out)
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-10)
+    for ours_grad, their_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(ours_grad, their_grad, rtol=1e-9, atol=1e-12)
+    if norm == "layer":  # the comparison tells the norms apart: GN's 4 groups are another function
+        gn = create_model(size, **VARIANTS["g16-gn"]).double()
+        gn.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            assert not torch.allclose(gn.eval()(x), expected, atol=1e-3)
 
 
 def test_g16_b0_size_and_macs_match_reference() -> None:

@@ -90,6 +90,36 @@ def test_rmsprop_tf_matches_its_definition() -> None:
     assert not torch.allclose(other.detach(), p)
 
 
+def test_rmsprop_tf_steps_as_timms_rmsprop_tf() -> None:
+    """An independent implementation of the same optimizer: timm's RMSpropTF (mean square from 1,
+    eps inside the root, LR inside the momentum), with the LR changed between steps, as the
+    schedule does, and weight decay on one of two groups."""
+    from timm.optim import RMSpropTF as TimmRMSpropTF
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64),
+               torch.randn(2, 2, dtype=torch.float64)]
+    ours_params = [torch.nn.Parameter(t.clone()) for t in tensors]
+    their_params = [torch.nn.Parameter(t.clone()) for t in tensors]
+    settings = dict(lr=0.05, momentum=0.9, eps=1e-3, weight_decay=1e-2)
+    ours = RMSpropTF([dict(params=ours_params[:2]), dict(params=ours_params[2:], weight_decay=0.0)],
+                     decay=0.953125, **settings)
+    theirs = TimmRMSpropTF([dict(params=their_params[:2]), dict(params=their_params[2:], weight_decay=0.0)],
+                           alpha=0.953125, **settings)
+    for step in range(6):
+        for opt in (ours, theirs):
+            for group in opt.param_groups:
+                group["lr"] = 0.05 * 0.8 ** step
+        for mine, their in zip(ours_params, their_params):
+            grad = torch.randn_like(mine)
+            mine.grad, their.grad = grad, grad.clone()
+        ours.step()
+        theirs.step()
+    for mine, their, start in zip(ours_params, their_params, tensors):
+        assert not torch.allclose(mine, start)
+        torch.testing.assert_close(mine.detach(), their.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_rmsprop_tf_multi_tensor_step_equals_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """The multi-tensor step (a GPU's default: one launch per op for all parameters) gives the
     loop's parameters bit for bit, with weight decay, two groups, a channels_last weight and a
