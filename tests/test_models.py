@@ -18,9 +18,9 @@ from models import FAMILY, VARIANTS, EfficientNet, count_parameters, create_mode
 from models.analysis import collapse_profile
 from models.config import NormConfig, round_channels, spatial_conv_groups
 from models.efficientnet import ConvNormAct
+from models.external_weights import ExternalWeightsError, external_layout, external_to_ours
 from models.flops import count_macs
 from models.proxy_norm import ProxyNormAct, proxy_moments, proxy_quantiles, proxy_table
-from models.torchvision_weights import TorchvisionWeightsError, torchvision_to_ours
 
 TINY = dict(width=0.25, depth=0.34, num_classes=10, dropout=0.0, stochastic_depth=0.0)
 
@@ -57,7 +57,7 @@ def test_g1_bn_with_torchvision_weights_computes_torchvision_function(size: int)
         elif name.endswith("running_var"):
             tensor.uniform_(0.5, 2.0)
     ours = create_model(f"efficientnet-b{size}", **VARIANTS["g1-bn"]).double()
-    ours.load_state_dict(torchvision_to_ours(ours, state))
+    ours.load_state_dict(external_to_ours(ours, state, "torchvision"))
     x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         expected = theirs.eval()(x)
@@ -80,21 +80,85 @@ def test_torchvision_state_dict_maps_onto_g1_bn_and_misfits_are_named() -> None:
     """(Reading torchvision's files: `--initial-weights`, tests/test_training.py.)"""
     theirs = torchvision.models.efficientnet_b0(num_classes=10)
     state = theirs.state_dict()
+    assert external_layout(state) == "torchvision"
     ours = create_model("efficientnet-b0", **VARIANTS["g1-bn"], num_classes=10)
-    ours.load_state_dict(torchvision_to_ours(ours, state))
+    ours.load_state_dict(external_to_ours(ours, state, "torchvision"))
     torch.testing.assert_close(ours.classifier[1].weight, theirs.classifier[1].weight)
     thousand = create_model("efficientnet-b0", **VARIANTS["g1-bn"])
-    with pytest.raises(TorchvisionWeightsError, match=r"classifier\.1\.weight.*\(10, 1280\).*classifier=False"):
-        torchvision_to_ours(thousand, state)
+    with pytest.raises(ExternalWeightsError, match=r"classifier\.1\.weight.*\(10, 1280\).*classifier=False"):
+        external_to_ours(thousand, state, "torchvision")
     kept = thousand.classifier[1].weight.clone()
-    thousand.load_state_dict(torchvision_to_ours(thousand, state, classifier=False))  # other classes: its own stays
+    thousand.load_state_dict(external_to_ours(thousand, state, "torchvision", classifier=False))  # its own stays
     assert torch.equal(thousand.classifier[1].weight, kept)
     torch.testing.assert_close(thousand.stem.conv.weight, theirs.features[0][0].weight)
-    with pytest.raises(TorchvisionWeightsError, match="only a G1-BN model"):
-        torchvision_to_ours(create_model("efficientnet-b0", **VARIANTS["g16-gn"]), state)
-    with pytest.raises(TorchvisionWeightsError, match=r"is it the same model size"):
-        torchvision_to_ours(create_model("efficientnet-b1", **VARIANTS["g1-bn"], num_classes=10),
-                            torchvision.models.efficientnet_b2(num_classes=10).state_dict())
+    with pytest.raises(ExternalWeightsError, match="only a G1-BN model"):
+        external_to_ours(create_model("efficientnet-b0", **VARIANTS["g16-gn"]), state, "torchvision")
+    with pytest.raises(ExternalWeightsError, match=r"is it the same model size"):
+        external_to_ours(create_model("efficientnet-b1", **VARIANTS["g1-bn"], num_classes=10),
+                         torchvision.models.efficientnet_b2(num_classes=10).state_dict(), "torchvision")
+    renamed = dict(state)
+    renamed["features.1.0.block.9.0.weight"] = renamed.pop("features.1.0.block.2.0.weight")
+    with pytest.raises(ExternalWeightsError, match=r"torchvision's features\.1\.0\.block\.9\.0\.weight has no place"):
+        external_to_ours(ours, renamed, "torchvision")
+    assert external_layout(ours.state_dict()) is None
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_every_size_maps_by_name_whatever_the_files_order(library: str) -> None:
+    """B0–B7 of both libraries map onto the G1-BN models by name, so a file that keeps its tensors
+    in another order (safetensors: alphabetical) gives the same state dict; the translated names
+    are not a positional accident."""
+    import timm
+
+    for size in range(8):
+        with torch.device("meta"):
+            ours = create_model(f"efficientnet-b{size}", **VARIANTS["g1-bn"])
+            theirs = (getattr(torchvision.models, f"efficientnet_b{size}")() if library == "torchvision"
+                      else timm.create_model(f"efficientnet_b{size}"))
+        state = theirs.state_dict()
+        in_order = external_to_ours(ours, state, library)
+        shuffled = external_to_ours(ours, dict(sorted(state.items())), library)
+        assert list(in_order) == list(ours.state_dict())
+        assert all(shuffled[name] is in_order[name] for name in in_order)
+        assert all(mine is their for mine, their in zip(in_order.values(), state.values()))  # same order too
+
+
+@pytest.mark.parametrize("size", [0, 3])
+def test_g1_bn_with_timms_weights_computes_timms_function(size: int) -> None:
+    """timm's `efficientnet_b*` (its own build, not torchvision's) holds the same tensors in the same
+    order: with its weights and running statistics, our G1-BN model gives its outputs in eval mode,
+    and in training mode its outputs and every gradient. B3 has timm's 12,233,232 parameters."""
+    import timm
+
+    torch.manual_seed(0)
+    theirs = timm.create_model(f"efficientnet_b{size}", drop_rate=FAMILY[f"efficientnet-b{size}"].dropout,
+                               drop_path_rate=0.2).double()
+    state = theirs.state_dict()
+    assert external_layout(state) == "timm"
+    for name, tensor in state.items():
+        if name.endswith("running_mean"):
+            tensor.normal_(0, 0.2)
+        elif name.endswith("running_var"):
+            tensor.uniform_(0.5, 2.0)
+    ours = create_model(f"efficientnet-b{size}", **VARIANTS["g1-bn"]).double()
+    ours.load_state_dict(external_to_ours(ours, state, "timm"))
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    with torch.no_grad():
+        expected = theirs.eval()(x)
+        torch.testing.assert_close(ours.eval()(x), expected, rtol=1e-12, atol=1e-12)
+    assert expected.std() > 0.05
+    outputs, grads = [], []
+    for model in (ours.train(), theirs.train()):
+        torch.manual_seed(1)
+        out = model(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outputs.append(out)
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-10)
+    for ours_grad, their_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(ours_grad, their_grad, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ExternalWeightsError, match=r"timm's classifier\.weight \(1000, \d+\) does not fit"):
+        external_to_ours(create_model(f"efficientnet-b{size}", **VARIANTS["g1-bn"], num_classes=10), state, "timm")
 
 
 def _timm_grouped_efficientnet(size: str, norm_groups: int) -> nn.Module:

@@ -765,24 +765,34 @@ def test_initial_weights_from_a_run_or_its_checkpoint(tmp_path: Path, capsys: py
     _same_tensors(other, {**exported, **{k: other[k] for k in other if k.startswith("classifier.")}})
 
 
-def test_initial_weights_from_torchvision(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """torchvision's ImageNet file (1000 classes) starts a G1-BN run on the 10 demo classes: every
-    tensor but the classifier is torchvision's, BatchNorm's running statistics included."""
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_initial_weights_from_torchvision_or_timm(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  library: str) -> None:
+    """torchvision's or timm's ImageNet file (1000 classes; torchvision's a .pth, timm's the
+    model.safetensors it publishes) starts a G1-BN run on the 10 demo classes: every tensor but the
+    classifier is theirs, BatchNorm's running statistics included."""
+    import timm
     import torchvision
+    from safetensors.torch import save_file
 
-    from models.torchvision_weights import torchvision_to_ours
+    from models.external_weights import external_to_ours
 
     torch.manual_seed(3)
-    theirs = torchvision.models.efficientnet_b0()
-    path = tmp_path / "efficientnet_b0.pth"
-    torch.save(theirs.state_dict(), path)
+    if library == "torchvision":
+        theirs = torchvision.models.efficientnet_b0()
+        path = tmp_path / "efficientnet_b0.pth"
+        torch.save(theirs.state_dict(), path)
+    else:
+        theirs = timm.create_model("efficientnet_b0")
+        path = tmp_path / "model.safetensors"
+        save_file(theirs.state_dict(), str(path), metadata={"format": "pt"})
     g1_bn = ["--width", "1.0", "--depth", "1.0", "--group-size", "1", "--expand-ratio", "6", "--norm", "batch",
-             "--proxy-norm", "false", "--epochs", "0", "--run-name", "tv", "--initial-weights", str(path)]
+             "--proxy-norm", "false", "--epochs", "0", "--run-name", "e", "--initial-weights", str(path)]
     assert run_train.main(tiny_train_args(tmp_path / "runs", *g1_bn)) == 0
-    assert "(torchvision's weights); its classifier (1000 classes) is left out" in capsys.readouterr().err
-    got = load_file(tmp_path / "runs" / "tv" / "model.safetensors")
+    assert f"({library}'s weights); its classifier (1000 classes) is left out" in capsys.readouterr().err
+    got = load_file(tmp_path / "runs" / "e" / "model.safetensors")
     ours = create_model("efficientnet-b0", group_size=1, expand_ratio=6, norm="batch")
-    _same_tensors(got, torchvision_to_ours(ours, theirs.state_dict()), skip="classifier.")
+    _same_tensors(got, external_to_ours(ours, theirs.state_dict(), library), skip="classifier.")
     assert got["classifier.1.weight"].shape[0] == 10
 
 

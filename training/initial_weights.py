@@ -1,12 +1,13 @@
 """`--initial-weights`: start a run from weights on disk instead of random ones.
 
-Three kinds of file: a run's exported `model.safetensors`, a checkpoint of this application (its
-raw weights), and torchvision's EfficientNet state dict for a G1-BN model (mapped by
-`models.torchvision_weights`); a plain state dict of the model (`torch.save(model.state_dict())`)
-is taken too. Every tensor must fit the model except the classifier, which is kept as initialised
-where the number of classes differs (fine-tuning to other classes). The file is checked before any
-data is read, and loaded before the model is split into replicas or pipeline stages, so every rank
-starts from the same weights. A resumed run takes its weights from its checkpoint instead.
+The files taken: a run's exported `model.safetensors`, a checkpoint of this application (its raw
+weights), torchvision's or timm's EfficientNet weights for a G1-BN model (a `.pth`, or timm's
+`model.safetensors`; mapped by `models.external_weights`), and a plain state dict of the model
+(`torch.save(model.state_dict())` or a safetensors file of it). Every tensor must fit the model
+except the classifier, which is kept as initialised where the number of classes differs
+(fine-tuning to other classes). The file is checked before any data is read, and loaded before the
+model is split into replicas or pipeline stages, so every rank starts from the same weights. A
+resumed run takes its weights from its checkpoint instead.
 """
 
 from __future__ import annotations
@@ -18,39 +19,45 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.torchvision_weights import TorchvisionWeightsError, torchvision_to_ours
+from models.external_weights import LAYOUTS, ExternalWeightsError, external_layout, external_to_ours
 
 from .checkpoint import CheckpointError, load_torch_file
 from .config import ConfigError
-from .trained import load_weights
+from .trained import read_safetensors
 
 
 @dataclass
 class InitialWeights:
-    """A weights file as read: its tensors under the names it gave them, and what kind of file it was."""
+    """A weights file as read: its tensors under the names it gave them, what kind of file it was,
+    and for torchvision's or timm's weights which of the two ("" otherwise)."""
 
     path: Path
     state: dict[str, torch.Tensor]
     kind: str
+    library: str = ""
 
 
 def read_initial_weights(path: str | Path) -> InitialWeights:
-    """The file's weights, loaded with weights_only=True."""
+    """The file's weights, loaded with weights_only=True (or from safetensors, which hold no code)."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            return InitialWeights(path, load_weights(path)[1], "a run's exported weights")
-        loaded = load_torch_file(path, "weights file")
+            metadata, loaded = read_safetensors(path)
+            if "config" in metadata:
+                return InitialWeights(path, loaded, "a run's exported weights")
+        else:
+            loaded = load_torch_file(path, "weights file")
     except CheckpointError as error:
         raise ConfigError(f"--initial-weights: {error}") from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping) and "config" in loaded:
         return InitialWeights(path, dict(loaded["model"]), "a checkpoint's raw weights")
     if isinstance(loaded, Mapping) and loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        if any(str(name).startswith("features.") for name in loaded):
-            return InitialWeights(path, dict(loaded), "torchvision's weights")
+        library = external_layout(loaded)
+        if library:
+            return InitialWeights(path, dict(loaded), f"{library}'s weights", library)
         return InitialWeights(path, dict(loaded), "a state dict")
     raise ConfigError(f"--initial-weights {path} holds a {type(loaded).__name__}, not weights: give a run's "
-                      f"model.safetensors or checkpoint, or torchvision's EfficientNet file")
+                      f"model.safetensors or checkpoint, or torchvision's or timm's EfficientNet file")
 
 
 def fit_initial_weights(model: nn.Module, weights: InitialWeights) -> tuple[dict[str, torch.Tensor], str]:
@@ -58,12 +65,14 @@ def fit_initial_weights(model: nn.Module, weights: InitialWeights) -> tuple[dict
     be on the meta device: the check made before any work."""
     state, kind, path = weights.state, weights.kind, weights.path
     own = model.state_dict()
-    theirs_classifier = state.get("classifier.1.weight")
-    fresh_classifier = theirs_classifier is not None and theirs_classifier.shape != own["classifier.1.weight"].shape
-    if kind == "torchvision's weights":
+    classes = own["classifier.1.weight"].shape[0]
+    classifier = state.get(LAYOUTS[weights.library][1] if weights.library else "classifier.1.weight")
+    their_classes = classifier.shape[0] if isinstance(classifier, torch.Tensor) and classifier.dim() == 2 else None
+    fresh_classifier = their_classes is not None and their_classes != classes
+    if weights.library:
         try:
-            state = torchvision_to_ours(model, state, classifier=not fresh_classifier)
-        except TorchvisionWeightsError as error:
+            state = external_to_ours(model, state, weights.library, classifier=not fresh_classifier)
+        except ExternalWeightsError as error:
             raise ConfigError(f"--initial-weights {path}: {error}") from None
     missing = [name for name in own if name not in state]
     unexpected = [name for name in state if name not in own]
@@ -81,8 +90,7 @@ def fit_initial_weights(model: nn.Module, weights: InitialWeights) -> tuple[dict
                               f"the model's {tuple(mine.shape)}; weights of another model size or variant?")
         else:
             fitted[name] = state[name].to(mine.dtype)
-    classes = own["classifier.1.weight"].shape[0]
-    note = (f"; its classifier ({theirs_classifier.shape[0]} classes) is left out and this run's ({classes}) "
+    note = (f"; its classifier ({their_classes} classes) is left out and this run's ({classes}) "
             f"starts from random weights" if fresh_classifier else "")
     return fitted, f"initial weights: {path} ({kind}){note}"
 

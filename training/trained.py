@@ -32,23 +32,28 @@ class MissingWeights(ConfigError):
         self.have = have
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's metadata and tensors (the format holds no code)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        return metadata, load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"weights file {path} is truncated or corrupt: {error}") from None
+
+
 def load_weights(path: str | Path, weights: str = "raw") -> tuple[TrainConfig, dict[str, torch.Tensor]]:
     """The run's config and one set of its weights (`raw`, `ema` or `averaged`) as a state dict."""
     path = Path(path)
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
-
-        if not path.is_file():
-            raise CheckpointError(f"weights file not found: {path}")
-        try:
-            with safe_open(str(path), "pt") as handle:
-                metadata = handle.metadata() or {}
-            state = load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"weights file {path} is truncated or corrupt: {error}") from None
+        metadata, state = read_safetensors(path)
         if "config" not in metadata:
             raise CheckpointError(f"{path} carries no config in its metadata; export it with run_train.py")
         if weights != "raw":
