@@ -161,35 +161,37 @@ def test_g1_bn_with_timms_weights_computes_timms_function(size: int) -> None:
         external_to_ours(create_model(f"efficientnet-b{size}", **VARIANTS["g1-bn"], num_classes=10), state, "timm")
 
 
-def _timm_grouped_efficientnet(size: str, norm_groups: int) -> nn.Module:
-    """timm's own EfficientNet builder, told the paper's G16 changes: expansion 4 in every MBConv6
-    stage, 16 channels per group in every spatial conv, GroupNorm (eps 1e-3) with SiLU."""
+def _timm_grouped_efficientnet(size: str, norm_groups: int, group_size: int = 16) -> nn.Module:
+    """timm's own EfficientNet builder, told the paper's changes: for G16, expansion 4 in every
+    MBConv6 stage and 16 channels per group in every spatial conv (G1: depthwise, expansion 6);
+    GroupNorm (eps 1e-3) with SiLU."""
     from timm.layers import GroupNormAct
     from timm.models._efficientnet_builder import decode_arch_def, round_channels
     from timm.models.efficientnet import EfficientNet as TimmEfficientNet
 
     member = FAMILY[size]
     stages = [["ds_r1_k3_s1_e1_c16_se0.25"]] + [
-        [f"ir_r{repeats}_k{kernel}_s{stride}_e4_c{channels}_se0.25"]
+        [f"ir_r{repeats}_k{kernel}_s{stride}_e{4 if group_size > 1 else 6}_c{channels}_se0.25"]
         for repeats, kernel, stride, channels in [(2, 3, 2, 24), (2, 5, 2, 40), (3, 3, 2, 80), (3, 5, 1, 112),
                                                   (4, 5, 2, 192), (1, 3, 1, 320)]]
     rounding = functools.partial(round_channels, multiplier=member.width, divisor=8)
     return TimmEfficientNet(
-        block_args=decode_arch_def(stages, member.depth, group_size=16), num_features=rounding(1280),
+        block_args=decode_arch_def(stages, member.depth, group_size=group_size), num_features=rounding(1280),
         stem_size=32, round_chs_fn=rounding, act_layer=nn.SiLU, drop_rate=member.dropout, drop_path_rate=0.2,
         norm_layer=functools.partial(GroupNormAct, num_groups=norm_groups, eps=1e-3))
 
 
-@pytest.mark.parametrize("size, norm", [("efficientnet-b0", "group"), ("efficientnet-b0", "layer"),
-                                        ("efficientnet-b2", "group")])
-def test_g16_computes_timms_grouped_efficientnet(size: str, norm: str) -> None:
-    """The G16 models (without Proxy Norm) against an independent build of the same network: timm's
-    EfficientNet builder with group size 16 and expansion 4. Same tensors in the same order, and
+@pytest.mark.parametrize("size, norm, group_size", [("efficientnet-b0", "group", 16), ("efficientnet-b0", "layer", 16),
+                                                    ("efficientnet-b2", "group", 16), ("efficientnet-b0", "group", 1)])
+def test_gn_and_ln_models_compute_timms_build(size: str, norm: str, group_size: int) -> None:
+    """The G16 models and G1-GN (without Proxy Norm) against an independent build of the same
+    network: timm's EfficientNet builder with group size 16 and expansion 4 (or depthwise and
+    expansion 6), and GroupNorm of 4 groups or 1. Same tensors in the same order, and
     with timm's weights (norm affines made non-trivial) the same outputs in eval mode, and in
     training mode (dropout and stochastic depth from the same seed) the same outputs and gradients."""
     torch.manual_seed(0)
-    theirs = _timm_grouped_efficientnet(size, norm_groups=4 if norm == "group" else 1).double()
-    ours = create_model(size, **{**VARIANTS["g16-gn"], "norm": norm}).double()
+    theirs = _timm_grouped_efficientnet(size, 4 if norm == "group" else 1, group_size).double()
+    ours = create_model(size, **{**VARIANTS["g16-gn" if group_size > 1 else "g1-gn"], "norm": norm}).double()
     state = theirs.state_dict()
     with torch.no_grad():
         for tensor in state.values():
