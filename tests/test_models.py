@@ -3,6 +3,7 @@ integrals, batch independence, and the depth behaviour Proxy Norm exists to fix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -575,6 +576,59 @@ def test_compiled_model_matches_eager() -> None:
     assert_compiled_model_matches_eager("cpu", batch_size=8)  # 2 and 4 did not show the miscompilation
 
 
+@pytest.mark.parametrize("variant, grad_mode", [("g16-lnpn", "enabled"), ("g16-lnpn", "no_grad"),  # (no_grad: the
+                                                ("g16-gn", "no_grad"), ("g1-bn", "no_grad")])  # moment cache)
+def test_exported_program_computes_the_model_for_any_batch(variant: str, grad_mode: str) -> None:
+    """`torch.export` (the way to serve a trained model: TorchScript is deprecated) captures the
+    eval-mode model with a dynamic batch: it gives the eager outputs at another batch size, and
+    Proxy Norm's moments are computed in the program from its parameters, not baked in at export
+    (new weights loaded into the exported module give the new model's outputs)."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b0", **VARIANTS[variant], **TINY).double().eval()
+    perturb_norm_parameters(model)  # (off their initial values, so that the output depends on the input)
+    set_running_statistics(model)
+    context = torch.no_grad() if grad_mode == "no_grad" else contextlib.nullcontext()
+    with context:
+        model(torch.randn(2, 3, 32, 32, dtype=torch.float64))  # (fills the inference moment cache, if any)
+        exported = torch.export.export(model, (torch.randn(2, 3, 32, 32, dtype=torch.float64),),
+                                       dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=256)}})
+    program = exported.module()
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        assert before.std(0).min() > 1e-3  # each sample gets its own output
+        torch.testing.assert_close(program(x), before, rtol=1e-10, atol=1e-10)
+        other = create_model("efficientnet-b0", **VARIANTS[variant], **TINY).double().eval()
+        perturb_norm_parameters(other)
+        set_running_statistics(other)
+        after = other(x)
+        assert not torch.allclose(after, before, atol=1e-3)
+        program.load_state_dict(other.state_dict())
+        torch.testing.assert_close(program(x), after, rtol=1e-10, atol=1e-10)
+
+
+def set_running_statistics(model: nn.Module) -> None:
+    """BatchNorm's running statistics from one batch (as if trained), so that an eval-mode model
+    normalises: with their initial values (0, 1) a G1-BN model's activations grow through the
+    depth until every input gives the same output."""
+    batch_norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+    for norm in batch_norms:
+        norm.momentum = 1.0
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32, dtype=next(model.parameters()).dtype))
+    for norm in batch_norms:
+        norm.momentum = 0.1
+    model.eval()
+
+
+def perturb_norm_parameters(model: nn.Module, size: float = 0.3) -> None:
+    """Moves the norm layers' (and Proxy Norm's) parameters off their initial values."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(size * torch.randn_like(param))
+
+
 def assert_compiled_model_matches_eager(device: str, batch_size: int) -> None:
     """G16-LN+PN B0 (tiny) in float64 on `device`: compiled and eager values and gradients agree.
     The norm parameters are moved off their initial values and the loss weights each output, so
@@ -583,10 +637,7 @@ def assert_compiled_model_matches_eager(device: str, batch_size: int) -> None:
     layers' moments came from one table under compile (docs/benchmarks.md C.7), at batch 8."""
     torch.manual_seed(0)
     model = create_model("efficientnet-b0", **VARIANTS["g16-lnpn"], **TINY).double().to(device)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.3 * torch.randn_like(param))
+    perturb_norm_parameters(model)
     x = torch.randn(batch_size, 3, 32, 32, dtype=torch.float64, device=device)
     weights = torch.randn(batch_size, 10, dtype=torch.float64, device=device)
     eager_out = model(x)
