@@ -798,15 +798,20 @@ def test_initial_weights_from_torchvision_or_timm(tmp_path: Path, capsys: pytest
 
 def test_initial_weights_are_checked_before_work_and_not_needed_to_resume(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import timm
+
     runs = tmp_path / "runs"
     weights = tmp_path / "w.pt"
     torch.save(create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=10).state_dict(), weights)
     torn = tmp_path / "torn.pth"
     torn.write_bytes(weights.read_bytes()[:1000])
+    timm_file = tmp_path / "timm_b0.pth"  # timm's layout: mapped onto G1-BN models only
+    torch.save(timm.create_model("efficientnet_b0", num_classes=10).state_dict(), timm_file)
     cases = [
         (tmp_path / "missing.pt", "--initial-weights: weights file not found"),
         (torn, f"--initial-weights: weights file {torn} is truncated or corrupt"),
         (weights, "does not fit this config's model"),  # G1 e6 GN weights for the demo's G16 LN+PN model
+        (timm_file, "the timm state dict holds 360 tensors and the model"),
     ]
     for source, message in cases:
         assert run_train.main(tiny_train_args(runs, "--run-name", "bad", "--initial-weights", str(source))) == 2
