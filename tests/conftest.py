@@ -6,6 +6,7 @@ import os
 import resource
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,13 @@ def run_cli(script: str, *args: str, timeout: float = 600, env: dict | None = No
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
         preexec_fn=file_size_limiter(file_size_limit),
     )
+
+
+def run_clis(script: str, arg_lists: list[list[str]], **kwargs) -> list[subprocess.CompletedProcess]:
+    """`run_cli` for each argument list, a few processes at a time (each spends seconds importing
+    torch, on one core): for checks of many command lines that each stop early."""
+    with ThreadPoolExecutor(max_workers=min(4, (os.cpu_count() or 1) + 1)) as pool:
+        return list(pool.map(lambda args: run_cli(script, *args, **kwargs), arg_lists))
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import run_train
-from conftest import ROOT, run_cli, tiny_train_args
+from conftest import ROOT, run_cli, run_clis, tiny_train_args
 from datasets import (
     DataError,
     ImageFolderDataset,
@@ -606,8 +606,8 @@ def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path) ->
           "--fine-tune-batch-size", "1"], "--fine-tune-batch-size is 1: raise"),
     ]
     cases.append(([], "data path not found"))  # with the options right, the data path's own error
-    for args, needle in cases:
-        result = run_cli("run_train.py", *missing, *args, "--output-dir", str(tmp_path / "runs"))
+    results = run_clis("run_train.py", [[*missing, *args, "--output-dir", str(tmp_path / "runs")] for args, _ in cases])
+    for (args, needle), result in zip(cases, results, strict=True):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (args, result.stderr)
         assert len(lines) == 1 and needle in lines[0], (args, result.stderr)  # not the data path error

@@ -9,6 +9,7 @@ import math
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import run_train
-from conftest import run_cli, tiny_train_args
+from conftest import run_cli, run_clis, tiny_train_args
 from models import create_model
 from training.checkpoint import list_checkpoints, load_checkpoint
 from training.config import (
@@ -310,7 +311,7 @@ def test_unknown_config_and_keys_suggest_close_matches(tmp_path: Path) -> None:
 
 
 def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
-    for args, needle in [
+    cases = [
         (["--config", "nope"], "unknown config"),
         (["--config", "demo", "--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
         (["--config", "demo", "--resolution", "8"], "--resolution must be at least"),
@@ -322,8 +323,9 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
         (["--config", "demo", "--norm", "group", "--norm-groups", "7"], "cannot be built: norm_groups=7 does not divide"),
         (["--data", "imagenet", "--data-path", str(tmp_path / "missing")], "data path not found"),
         (["--config", "demo", "--data-path", str(tmp_path)], "--data-path is read only with --data imagenet"),
-    ]:
-        result = run_cli("run_train.py", *args, "--output-dir", str(tmp_path / "runs"))
+    ]
+    results = run_clis("run_train.py", [[*args, "--output-dir", str(tmp_path / "runs")] for args, _ in cases])
+    for (args, needle), result in zip(cases, results, strict=True):
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
@@ -335,15 +337,18 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
 
 
 def test_help_and_list_configs() -> None:
-    result = run_cli("run_train.py", "--help")
+    with ThreadPoolExecutor(max_workers=4) as pool:  # four processes that each spend seconds importing torch
+        helps = list(pool.map(lambda script: run_cli(script, "--help"),
+                              ("run_train.py", "run_validate.py", "run_benchmark.py")))
+        listing = pool.submit(run_cli, "run_train.py", "--list-configs")
+        listed = listing.result().stdout.split()
+    result = helps[0]
     assert result.returncode == 0
-    for script in ("run_train.py", "run_validate.py", "run_benchmark.py"):  # every option explained
-        text = result.stdout if script == "run_train.py" else run_cli(script, "--help").stdout
-        assert "--device" in text and "__TEMP__" not in text, script
+    for script, text in zip(("run_train.py", "run_validate.py", "run_benchmark.py"), helps):  # every option explained
+        assert "--device" in text.stdout and "__TEMP__" not in text.stdout, script
     for text in ("--half-res-training", "--fine-tune-first-trainable-layer", "--precision", "--resume"):
         assert text in result.stdout
     assert "default: 0.875" in result.stdout or "(default: 0.875)" in result.stdout
-    listed = run_cli("run_train.py", "--list-configs").stdout.split()
     assert "efficientnet-b2-g16-gn" in listed and "demo" in listed and "_base" not in listed
     assert len(listed) == 33
 

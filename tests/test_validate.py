@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import run_train
 import run_validate
-from conftest import ROOT, run_cli, tiny_train_args
+from conftest import ROOT, run_cli, run_clis, tiny_train_args
 from datasets import DEMO_ROOT, ImageFolderDataset, SeededSampler, check_classes, eval_transform, make_loader
 from training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from training.config import ConfigError
@@ -229,7 +229,7 @@ def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path) -> None
     truncated = tmp_path / "truncated.pt"
     good = list_checkpoints(trained_run)[-1]
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    for args, needle in [
+    cases = [
         (["--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
         (["--checkpoint", str(corrupt)], "truncated or corrupt"),
         (["--checkpoint", str(truncated)], "truncated or corrupt"),
@@ -242,8 +242,8 @@ def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path) -> None
         (["--checkpoint", str(tmp_path)], "no checkpoints (checkpoint-*.pt) or model.safetensors in run folder"),
         (["--checkpoint", str(good), "--output-prefix", str(corrupt / "sweep")], f"cannot write {corrupt}"),
         (["--checkpoint", str(good), "--plot", str(corrupt / "sweep.png")], f"cannot write {corrupt}"),
-    ]:
-        result = run_cli("run_validate.py", *args)
+    ]
+    for (args, needle), result in zip(cases, run_clis("run_validate.py", [args for args, _ in cases]), strict=True):
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
