@@ -425,6 +425,37 @@ def test_half_res_training_fine_tunes_head_at_test_resolution(tiny_args, tmp_pat
     assert dataclasses.asdict(parse_args(["--config", str(run / "config.yaml")])) == saved
 
 
+def _assert_exponential_average(checkpoints: list[dict], key: str, decay: float) -> None:
+    """checkpoints[k][key] holds a_0 = w_0, a_k = d·a_(k−1) + (1 − d)·w_k over their raw weights w_k."""
+    expected: dict[str, torch.Tensor] = {}
+    for k, checkpoint in enumerate(checkpoints):
+        for name, weight in checkpoint["model"].items():
+            if weight.is_floating_point():
+                expected[name] = weight.double() if k == 0 else decay * expected[name] + (1 - decay) * weight.double()
+        averaged = checkpoint[key]
+        if k > 0:  # (an average, not the latest weights)
+            assert not torch.equal(averaged["module.head.conv.weight"], checkpoint["model"]["head.conv.weight"])
+        for name, value in expected.items():
+            torch.testing.assert_close(averaged[f"module.{name}"].double(), value, rtol=1e-6, atol=1e-7,
+                                       msg=f"{key} {name} at checkpoint {k}")
+
+
+def test_weight_averages_follow_their_closed_form(tiny_args, tmp_path: Path) -> None:
+    """The paper's average of epoch checkpoints (decay d per epoch) and the per-step EMA (decay per
+    optimizer step), each against its closed form over the raw weights the run saved: a
+    checkpoint after every step, and one at the end of every epoch."""
+    args = tiny_args("--epochs", "3", "--epoch-average-decay", "0.6", "--ema-decay", "0.8", "--fine-tune-epochs", "0",
+                     "--checkpoint-every-steps", "1", "--keep-checkpoints", "100", "--run-name", "avg")
+    assert run_train.main(args) == 0
+    paths = list_checkpoints(tmp_path / "runs" / "avg")
+    epochs = [load_checkpoint(path) for path in paths if "-train-epoch" in path.name]
+    by_step = {checkpoint["progress"]["step"]: checkpoint for checkpoint in map(load_checkpoint, paths)}
+    steps = [by_step[step] for step in sorted(by_step)]  # (an epoch's end may have a step and an epoch checkpoint)
+    assert len(steps) == 9 and len(epochs) == 3, [path.name for path in paths]
+    _assert_exponential_average(epochs, "epoch_average", 0.6)
+    _assert_exponential_average(steps, "ema", 0.8)
+
+
 def test_config_file_extends_named_configs_and_is_checked(tmp_path: Path) -> None:
     mine = tmp_path / "mine.yaml"
     mine.write_text("inherits: [efficientnet-b2-g16-gn]\nepochs: 30\nlr_decay: 0.9\n")
