@@ -42,7 +42,7 @@ def find_classes(root: Path) -> list[str]:
         if flat:  # e.g. ImageNet's validation images as distributed, before they are sorted by label
             raise DataError(f"no class folders in {root}, but {flat} image file(s) directly in it: the label of an "
                             f"image is the name of its folder, so move each image into {root}/<class>/ (ImageNet's "
-                            f"validation set: by its ground-truth labels, as the usual valprep.sh does)")
+                            f"validation set: scripts/sort_imagenet_val.py sorts it by its labels)")
         raise DataError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
     return classes
 

@@ -498,6 +498,76 @@ def _write_messy_folder(root: Path) -> None:
     (root / "train" / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
 
 
+def _flat_imagenet_val(folder: Path, count: int) -> list[str]:
+    """ImageNet's validation set as distributed, in miniature: `count` JPEGs in one folder."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    names = [f"ILSVRC2012_val_{index:08d}.JPEG" for index in range(1, count + 1)]
+    for index, name in enumerate(names):
+        Image.new("RGB", (12, 10), (index * 40, 0, 0)).save(folder / name, "JPEG")
+    return names
+
+
+def test_imagenet_validation_images_are_sorted_into_class_folders(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/sort_imagenet_val.py, from Kaggle's LOC_val_solution.csv or from the devkit: the
+    folder becomes one that `--data imagenet` reads; wrong labels move nothing; an interrupted run
+    is finished by running it again."""
+    import numpy as np
+    from scipy.io import savemat
+
+    from datasets.image_folder import find_classes, list_samples
+    from scripts import sort_imagenet_val
+
+    val = tmp_path / "val"
+    names = _flat_imagenet_val(val, 5)
+    wnids = ["n01440764", "n01443537", "n01440764", "n09999999", "n01443537"]
+    solution = val / "LOC_val_solution.csv"  # (beside the images, as unpacked: not an image, left alone)
+    solution.write_text("ImageId,PredictionString\n" + "".join(
+        f"{Path(name).stem},{wnid} 1 2 30 40 {wnid} 5 6 7 8 \n" for name, wnid in zip(names, wnids)))
+    bad_header = tmp_path / "bad.csv"
+    bad_header.write_text("id,label\n")
+    unlabelled = tmp_path / "short.csv"
+    unlabelled.write_text("".join(solution.read_text().splitlines(keepends=True)[:-1]))
+    for labels, message in [(bad_header, "does not start with Kaggle's header"),
+                            (unlabelled, "1 image(s) in")]:
+        assert sort_imagenet_val.main([str(val), "--labels", str(labels)]) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(p.name for p in val.iterdir() if p.is_dir()) == []  # nothing moved
+    # interrupted after one image: running again finishes
+    (val / wnids[0]).mkdir()
+    (val / names[0]).rename(val / wnids[0] / names[0])
+    assert sort_imagenet_val.main([str(val), "--labels", str(solution)]) == 0
+    assert "moved 4 image(s) into class folders (1 already sorted); 3 classes" in capsys.readouterr().out
+    classes = find_classes(val)
+    assert classes == sorted(set(wnids))
+    samples, _ = list_samples(val, classes)
+    assert sorted((Path(path).name, classes[label]) for path, label in samples) == sorted(zip(names, wnids))
+    assert sort_imagenet_val.main([str(val), "--labels", str(solution)]) == 0  # again: nothing to do
+    assert "moved 0 image(s) into class folders (5 already sorted)" in capsys.readouterr().out
+
+    # the devkit: ILSVRC2012_IDs in file order, mapped by meta.mat's leaf synsets
+    val = tmp_path / "val-devkit"
+    names = _flat_imagenet_val(val, 3)
+    devkit = tmp_path / "ILSVRC2012_devkit_t12"
+    (devkit / "data").mkdir(parents=True)
+    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("2\n1\n2\n")
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    synsets = np.array([(1, "n01440764", "tench", "", 0, np.zeros(0), 0, 1300),
+                        (2, "n01443537", "goldfish", "", 0, np.zeros(0), 0, 1300),
+                        (1001, "n00001740", "entity", "", 2, np.array([1, 2]), 18, 0)],  # not a class
+                       dtype=[(field, "O") for field in fields])
+    savemat(devkit / "data" / "meta.mat", {"synsets": synsets.reshape(-1, 1)})
+    assert sort_imagenet_val.main([str(val), "--devkit", str(devkit)]) == 0
+    assert sorted(str(p.relative_to(val)) for p in val.rglob("*.JPEG")) == [
+        f"n01440764/{names[1]}", f"n01443537/{names[0]}", f"n01443537/{names[2]}"]
+    (val / "n01440764" / names[1]).rename(val / "n01443537" / names[1])  # a wrongly sorted image is named
+    assert sort_imagenet_val.main([str(val), "--devkit", str(devkit)]) == 2
+    assert f"{names[1]} is labelled n01440764, not n01443537" in capsys.readouterr().err
+
+
 def test_messy_image_folder_trains_and_reports_corrupt_file(tmp_path: Path) -> None:
     data = tmp_path / "data"
     _write_messy_folder(data)
