@@ -5,10 +5,11 @@ A G1-BN model here holds the same tensors as torchvision's `efficientnet_b0` …
 the same; the layers within a block are named by what they do), each tensor's shape checked, and
 the models then compute the same function (tests check outputs and gradients against both
 libraries' models). Names, not positions: a safetensors file, as timm publishes, keeps its tensors
-in alphabetical order. That lets a G1-BN run start from ImageNet weights a
-user has on disk: files are read by `training.initial_weights` (`run_train.py --initial-weights`),
-with the checkpoints' safe loader. The G16 and Proxy Norm variants have other tensors: no such
-weights exist for them.
+in alphabetical order.
+
+That lets a G1-BN run start from ImageNet weights a user has on disk: files are read by
+`training.initial_weights` (`run_train.py --initial-weights`), with the checkpoints' safe loader.
+The G16 and Proxy Norm variants have other tensors: no such weights exist for them.
 
 timm's `tf_efficientnet_b*` weights have the same tensors but belong to another function
 (TensorFlow's asymmetric "same" padding, BatchNorm eps 1e-3): nothing in a state dict tells them
