@@ -4,6 +4,7 @@ reduced-resolution flow, robust data, and every named config."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import run_train
-from conftest import run_cli, run_clis, tiny_train_args
+from conftest import ROOT, run_cli, run_clis, tiny_train_args
 from models import create_model
 from training.checkpoint import list_checkpoints, load_checkpoint
 from training.config import (
@@ -518,7 +519,9 @@ def test_imagenet_validation_images_are_sorted_into_class_folders(tmp_path: Path
     from scipy.io import savemat
 
     from datasets.image_folder import find_classes, list_samples
-    from scripts import sort_imagenet_val
+    spec = importlib.util.spec_from_file_location("sort_imagenet_val", ROOT / "scripts" / "sort_imagenet_val.py")
+    sort_imagenet_val = importlib.util.module_from_spec(spec)  # (by path: `scripts` is not a package)
+    spec.loader.exec_module(sort_imagenet_val)
 
     val = tmp_path / "val"
     names = _flat_imagenet_val(val, 5)
