@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LabelError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    classes = len({label for label in labels.values()})
+    classes = len(set(labels.values()))
     print(f"moved {len(moves)} image(s) into class folders ({done} already sorted); {classes} classes in the labels")
     return 0
 

@@ -44,11 +44,11 @@ def run_cli(script: str, *args: str, timeout: float = 600, env: dict | None = No
     )
 
 
-def run_clis(script: str, arg_lists: list[list[str]], **kwargs) -> list[subprocess.CompletedProcess]:
-    """`run_cli` for each argument list, a few processes at a time (each spends seconds importing
-    torch, on one core): for checks of many command lines that each stop early."""
+def run_clis(commands: list[list[str]], **kwargs) -> list[subprocess.CompletedProcess]:
+    """`run_cli` for each command ([script, *args]), a few processes at a time (each spends seconds
+    importing torch, on one core): for checks of many command lines that each stop early."""
     with ThreadPoolExecutor(max_workers=min(4, (os.cpu_count() or 1) + 1)) as pool:
-        return list(pool.map(lambda args: run_cli(script, *args, **kwargs), arg_lists))
+        return list(pool.map(lambda command: run_cli(*command, **kwargs), commands))
 
 
 @pytest.fixture

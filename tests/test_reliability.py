@@ -606,7 +606,7 @@ def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path) ->
           "--fine-tune-batch-size", "1"], "--fine-tune-batch-size is 1: raise"),
     ]
     cases.append(([], "data path not found"))  # with the options right, the data path's own error
-    results = run_clis("run_train.py", [[*missing, *args, "--output-dir", str(tmp_path / "runs")] for args, _ in cases])
+    results = run_clis([["run_train.py", *missing, *args, "--output-dir", str(tmp_path / "runs")] for args, _ in cases])
     for (args, needle), result in zip(cases, results, strict=True):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (args, result.stderr)

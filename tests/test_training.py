@@ -10,7 +10,6 @@ import math
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -325,7 +324,7 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
         (["--data", "imagenet", "--data-path", str(tmp_path / "missing")], "data path not found"),
         (["--config", "demo", "--data-path", str(tmp_path)], "--data-path is read only with --data imagenet"),
     ]
-    results = run_clis("run_train.py", [[*args, "--output-dir", str(tmp_path / "runs")] for args, _ in cases])
+    results = run_clis([["run_train.py", *args, "--output-dir", str(tmp_path / "runs")] for args, _ in cases])
     for (args, needle), result in zip(cases, results, strict=True):
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr, (args, result.stderr)
@@ -338,11 +337,9 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
 
 
 def test_help_and_list_configs() -> None:
-    with ThreadPoolExecutor(max_workers=4) as pool:  # four processes that each spend seconds importing torch
-        helps = list(pool.map(lambda script: run_cli(script, "--help"),
-                              ("run_train.py", "run_validate.py", "run_benchmark.py")))
-        listing = pool.submit(run_cli, "run_train.py", "--list-configs")
-        listed = listing.result().stdout.split()
+    *helps, listing = run_clis([["run_train.py", "--help"], ["run_validate.py", "--help"],
+                                ["run_benchmark.py", "--help"], ["run_train.py", "--list-configs"]])
+    listed = listing.stdout.split()
     result = helps[0]
     assert result.returncode == 0
     for script, text in zip(("run_train.py", "run_validate.py", "run_benchmark.py"), helps):  # every option explained

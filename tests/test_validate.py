@@ -243,7 +243,7 @@ def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path) -> None
         (["--checkpoint", str(good), "--output-prefix", str(corrupt / "sweep")], f"cannot write {corrupt}"),
         (["--checkpoint", str(good), "--plot", str(corrupt / "sweep.png")], f"cannot write {corrupt}"),
     ]
-    for (args, needle), result in zip(cases, run_clis("run_validate.py", [args for args, _ in cases]), strict=True):
+    for (args, needle), result in zip(cases, run_clis([["run_validate.py", *args] for args, _ in cases]), strict=True):
         assert result.returncode == 2, (args, result.stderr)
         assert needle in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr

@@ -35,14 +35,13 @@ class MissingWeights(ConfigError):
 def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """A safetensors file's metadata and tensors (the format holds no code)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import safe_open
 
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
-        return metadata, load_file(str(path))
+        with safe_open(str(path), "pt") as handle:  # one read of the file for the metadata and the tensors
+            return handle.metadata() or {}, {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"weights file {path} is truncated or corrupt: {error}") from None
 
