@@ -14,7 +14,8 @@
 # DEVICE=cpu BATCH=2 TIMED=1 ROUNDS=1 COMPILE=0 checks the script itself on a machine without a GPU.
 # On an H200 (2026-11-26) a step of 4-6 eager rows took 30-60 s (a new dtype or layout spends 7-26 s
 # in cuDNN's autotuner), a compiled row 70-125 s more; the tests step 113 s. On an H100 (later that
-# day) the tests step took 141 s and a compiled row 65-75 s. Rows' img/s go to
+# day) the tests step took 141 s and a compiled row 65-75 s; on a freshly started H100 (2026-11-27)
+# the tests needed over 183 s and a compiled B2 row 209 s. Rows' img/s go to
 # stderr as they are measured, so a step cut by its time limit still shows what finished.
 set -uo pipefail
 if [ $# -ne 1 ]; then echo "usage: bash scripts/gpu_benchmarks.sh OUTPUT_DIR" >&2; exit 2; fi
@@ -114,6 +115,10 @@ run_named() {
         # G16-LN+PN at the reduced resolution against eager, and against G1-BN at its best eager setting
         train_paper_b2) bench "$1" 200 --compare "${paper_b2[@]}" ;;
         train_b2_cuda_graphs) bench "$1" 400 --rounds 1 --compare $b2-g1-bn@260+bf16+cl $b2-g16-lnpn@196+bf16+cl \
+            $b2-g16-lnpn@196+bf16+cl+compile+compile_mode=reduce-overhead ;;
+        # G1-BN under CUDA graphs too (C.11 compared CUDA-graphed G16-LN+PN with eager G1-BN)
+        train_b2_cuda_graphs_bn) bench "$1" 400 --rounds 1 --compare $b2-g1-bn@260+bf16+cl \
+            $b2-g1-bn@260+bf16+cl+compile+compile_mode=reduce-overhead \
             $b2-g16-lnpn@196+bf16+cl+compile+compile_mode=reduce-overhead ;;
         *) echo "unknown step $1" >&2; failed=1 ;;
     esac
