@@ -351,6 +351,25 @@ def test_help_and_list_configs() -> None:
     assert len(listed) == 33
 
 
+def test_gpu_speed_hint_only_where_proxy_norm_runs_eagerly_on_a_gpu() -> None:
+    """Eager LN+PN on a GPU is told how to go faster; its advice is a valid command line that
+    silences it, and the section it cites exists. CPU runs, models without Proxy Norm and
+    pipelines (which cannot be compiled) get no note."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    lnpn = {**resolve_config("efficientnet-b0-g16-lnpn"), "data": "generated"}
+    hint = run_train.gpu_speed_hint(make_config(lnpn), cuda)
+    assert hint and "--compile true --compile-mode reduce-overhead" in hint
+    section = re.search(r"docs/benchmarks\.md (C\.\d+)", hint).group(1)
+    assert f"### {section} " in (ROOT / "docs" / "benchmarks.md").read_text()
+    advised = make_config({**lnpn, "compile": True, "compile_mode": "reduce-overhead"})
+    check_config(advised)
+    assert run_train.gpu_speed_hint(advised, cuda) is None
+    assert run_train.gpu_speed_hint(make_config({**lnpn, "compile": True}), cuda)  # default mode: no CUDA graphs
+    assert run_train.gpu_speed_hint(make_config(lnpn), cpu) is None
+    assert run_train.gpu_speed_hint(make_config(resolve_config("efficientnet-b0-g16-gn")), cuda) is None
+    assert run_train.gpu_speed_hint(make_config({**lnpn, "pipeline_splits": ["blocks.3.0"]}), cuda) is None
+
+
 # ---------------------------------------------------------------------------- whole runs
 
 
