@@ -51,6 +51,19 @@ def run_clis(commands: list[list[str]], **kwargs) -> list[subprocess.CompletedPr
         return list(pool.map(lambda command: run_cli(*command, **kwargs), commands))
 
 
+def run_main(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """A CLI's `main(argv)` in this process: (exit code, what it wrote to stderr). For checks of many
+    command lines that stop before any work: a process per line spends seconds importing torch. An
+    exception a CLI leaves uncaught fails the test here as a traceback would in a process; each such
+    test still runs one of its command lines as a real process (`run_cli`)."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse's own exits
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
 @pytest.fixture
 def tiny_args(tmp_path: Path):
     return lambda *extra: tiny_train_args(tmp_path / "runs", *extra)

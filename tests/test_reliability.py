@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import run_train
-from conftest import ROOT, run_cli, run_clis, tiny_train_args
+from conftest import ROOT, run_cli, run_main, tiny_train_args
 from datasets import (
     DataError,
     ImageFolderDataset,
@@ -584,7 +584,7 @@ def test_a_batch_larger_than_the_data_is_refused_before_training(tmp_path: Path,
 # ---------------------------------------------------------------------------- bad options
 
 
-def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path) -> None:
+def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path, capsys) -> None:
     missing = ["--data", "imagenet", "--data-path", str(tmp_path / "no-data-here")]
     cases = [
         (["--config", "efficientnet-b0-g16-gnn"], "unknown config"),
@@ -606,11 +606,13 @@ def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path) ->
           "--fine-tune-batch-size", "1"], "--fine-tune-batch-size is 1: raise"),
     ]
     cases.append(([], "data path not found"))  # with the options right, the data path's own error
-    results = run_clis([["run_train.py", *missing, *args, "--output-dir", str(tmp_path / "runs")] for args, _ in cases])
-    for (args, needle), result in zip(cases, results, strict=True):
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2, (args, result.stderr)
-        assert len(lines) == 1 and needle in lines[0], (args, result.stderr)  # not the data path error
+    for args, needle in cases:
+        code, stderr = run_main(run_train.main, [*missing, *args, "--output-dir", str(tmp_path / "runs")], capsys)
+        lines = stderr.strip().splitlines()
+        assert code == 2, (args, stderr)
+        assert len(lines) == 1 and needle in lines[0], (args, stderr)  # not the data path error
+    result = run_cli("run_train.py", *missing, *cases[-1][0], "--output-dir", str(tmp_path / "runs"))  # the last, as a process
+    assert result.returncode == 2 and result.stderr == stderr, result.stderr  # nothing more than in-process
     assert not (tmp_path / "runs").exists()
     empty = run_cli("run_train.py", "--output-dir", "")  # an unset variable: not the working folder
     assert empty.returncode == 2 and empty.stderr.strip() == "error: --output-dir is empty: name the folder for run " \
