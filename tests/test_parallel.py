@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import run_train
-from conftest import ROOT, file_size_limiter, tiny_train_args
+from conftest import ROOT, file_size_limiter, run_cli, run_main, tiny_train_args
 from parallel.context import Context
 from training.checkpoint import list_checkpoints, load_checkpoint
 
@@ -259,18 +259,18 @@ def test_a_replica_whose_last_micro_batch_has_no_image_still_joins_the_all_reduc
     assert all(ranks[1]["training"])  # the blank step ran in eval mode and put the modes back
 
 
-def test_layout_errors_are_refused_before_work(runs: Path) -> None:
-    from conftest import run_cli
-
-    for args, needle in [
+def test_layout_errors_are_refused_before_work(runs: Path, capsys) -> None:
+    cases = [
         (["--pipeline-splits", "blocks.3.0.expand"], "not a block boundary"),
         (["--pipeline-splits", "blocks.9"], "not a block boundary"),
         (["--pipeline-splits", "blocks.4", "blocks.2"], "in model order"),
         (["--replicas", "2"], "world size 1 does not match --replicas 2"),
-    ]:
-        result = run_cli("run_train.py", *tiny_train_args(runs, *args))
-        assert result.returncode == 2, (args, result.stderr)
-        assert needle in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    ]
+    for args, needle in cases:
+        code, stderr = run_main(run_train.main, tiny_train_args(runs, *args), capsys)
+        assert code == 2 and needle in stderr, (args, stderr)
+    result = run_cli("run_train.py", *tiny_train_args(runs, *cases[0][0]))  # the first, as a process
+    assert result.returncode == 2 and cases[0][1] in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_a_full_disk_stops_every_replica_with_rank_0s_reason(runs: Path) -> None:
