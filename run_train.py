@@ -325,6 +325,7 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
         progress = Progress(**state["progress"])
         ctx.print(f"resuming from {state_path} ({progress.phase} epoch {progress.epoch}, step {progress.step})")
 
+    averaged = None  # the validation of the averaged weights, where this process made one
     with SignalStopper(ctx.print) as stopper:
         # ---- main training phase
         phase = make_train_phase(cfg, model, num_classes, len(train_set), ctx)
@@ -336,7 +337,7 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
             final_train = phase.epoch_average or phase.ema
             if final_train is not None:
                 model.load_state_dict(runner.full_state(final_train.module))  # continue from the averaged weights
-                report_validation(cfg, ctx, log, progress, model, runner, val_loader, "averaged")
+                averaged = report_validation(cfg, ctx, log, progress, model, runner, val_loader, "averaged")
 
         # ---- fine-tune the head at the test resolution (reduced-resolution training)
         if needs_fine_tune(cfg):
@@ -351,7 +352,12 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
             run_phase(cfg, ctx, phase, model, runner, scaler, train_set, val_loader, progress, run_dir, log,
                       stopper)
 
-    final = report_validation(cfg, ctx, log, progress, model, runner, val_loader, "final")
+    if averaged is not None and not needs_fine_tune(cfg):
+        # nothing has changed the averaged weights since they were validated: a second pass over the
+        # validation set (50,000 images for ImageNet) would only repeat it
+        final = record_validation(ctx, log, progress, averaged, "final", "the averaged weights, validated above")
+    else:
+        final = report_validation(cfg, ctx, log, progress, model, runner, val_loader, "final")
     if ctx.is_main:
         export_safetensors(model.state_dict(), run_dir / "model.safetensors",
                            {"config": json.dumps(to_dict(cfg)), "num_classes": str(num_classes)})
@@ -700,9 +706,13 @@ def validate(cfg, ctx, model, runner, loader) -> dict:
 
 
 def report_validation(cfg, ctx, log, progress: Progress, model, runner, loader, label: str) -> dict:
-    result = validate(cfg, ctx, model, runner, loader)
-    ctx.print(f"validation ({label} weights): top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} %, "
-              f"loss {result['loss']:.4f}")
+    return record_validation(ctx, log, progress, validate(cfg, ctx, model, runner, loader), label)
+
+
+def record_validation(ctx, log, progress: Progress, result: dict, label: str, note: str = "") -> dict:
+    """Print and log one validation of the `label` weights (`note`: where the result came from)."""
+    ctx.print(f"validation ({label} weights{': ' + note if note else ''}): top-1 {result['top1']:.2f} %, "
+              f"top-5 {result['top5']:.2f} %, loss {result['loss']:.4f}")
     if log is not None:
         log.log(dict(event="validation", weights=label, step=progress.step, **result))
     return result

@@ -419,6 +419,31 @@ def test_resume_replaces_the_metrics_of_steps_trained_again(tiny_args, tmp_path:
     assert [row.split(",")[:4] for row in rows] == [row.split(",")[:4] for row in straight_rows]
 
 
+def test_averaged_weights_are_validated_once_when_no_fine_tune_follows(
+        tiny_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without fine-tuning, the final weights are the averaged weights: the run reports the one
+    validation of them as both, instead of a second pass over the validation set. With fine-tuning
+    (the test below) the final weights differ and are validated again."""
+    calls = []
+    real_validate = run_train.validate
+    monkeypatch.setattr(run_train, "validate", lambda *a: calls.append(1) or real_validate(*a))
+    assert run_train.main(tiny_args("--run-name", "native")) == 0
+    run = tmp_path / "runs" / "native"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    validated_epochs = [r for r in records if r["event"] == "epoch" and "val_top1" in r]
+    averaged, final = [r for r in records if r["event"] == "validation"]
+    assert (averaged["weights"], final["weights"]) == ("averaged", "final")
+    assert validated_epochs and len(calls) == len(validated_epochs) + 1  # the raw weights each epoch, then the averaged
+    for key in ("top1", "top5", "loss", "images"):
+        assert final[key] == averaged[key]
+    assert json.loads((run / "final.json").read_text())["top1"] == averaged["top1"]
+    assert "validation (final weights: the averaged weights, validated above)" in capsys.readouterr().err
+    # and the exported weights are the averaged ones that were validated
+    average = load_checkpoint(list_checkpoints(run)[-1])["epoch_average"]
+    exported = load_file(run / "model.safetensors")
+    assert all(torch.equal(tensor, average["module." + name]) for name, tensor in exported.items())
+
+
 def test_half_res_training_fine_tunes_head_at_test_resolution(tiny_args, tmp_path: Path) -> None:
     assert run_train.main(tiny_args("--half-res-training", "--run-name", "half")) == 0
     run = tmp_path / "runs" / "half"
