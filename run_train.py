@@ -325,19 +325,20 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
         progress = Progress(**state["progress"])
         ctx.print(f"resuming from {state_path} ({progress.phase} epoch {progress.epoch}, step {progress.step})")
 
-    averaged = None  # the validation of the averaged weights, where this process made one
+    validated = None  # (result, what it was) of the current weights, where this process validated them
     with SignalStopper(ctx.print) as stopper:
         # ---- main training phase
         phase = make_train_phase(cfg, model, num_classes, len(train_set), ctx)
         if progress.phase == "train":
             if state is not None:
                 restore(state, model, phase, scaler, cfg, ctx)
-            run_phase(cfg, ctx, phase, model, runner, scaler, train_set, val_loader, progress, run_dir, log,
-                      stopper)
+            validated = last_epoch(run_phase(cfg, ctx, phase, model, runner, scaler, train_set, val_loader, progress,
+                                             run_dir, log, stopper))
             final_train = phase.epoch_average or phase.ema
             if final_train is not None:
                 model.load_state_dict(runner.full_state(final_train.module))  # continue from the averaged weights
-                averaged = report_validation(cfg, ctx, log, progress, model, runner, val_loader, "averaged")
+                validated = (report_validation(cfg, ctx, log, progress, model, runner, val_loader, "averaged"),
+                             "the averaged weights")
 
         # ---- fine-tune the head at the test resolution (reduced-resolution training)
         if needs_fine_tune(cfg):
@@ -349,13 +350,13 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
                 progress = dataclasses.replace(progress, phase="fine_tune", epoch=0, micro_batch=0)
             elif state is not None:
                 restore(state, model, phase, scaler, cfg, ctx)
-            run_phase(cfg, ctx, phase, model, runner, scaler, train_set, val_loader, progress, run_dir, log,
-                      stopper)
+            validated = last_epoch(run_phase(cfg, ctx, phase, model, runner, scaler, train_set, val_loader, progress,
+                                             run_dir, log, stopper))
 
-    if averaged is not None and not needs_fine_tune(cfg):
-        # nothing has changed the averaged weights since they were validated: a second pass over the
+    if validated is not None:
+        # nothing has changed these weights since they were validated: a second pass over the
         # validation set (50,000 images for ImageNet) would only repeat it
-        final = record_validation(ctx, log, progress, averaged, "final", "the averaged weights, validated above")
+        final = record_validation(ctx, log, progress, validated[0], "final", f"{validated[1]}, validated above")
     else:
         final = report_validation(cfg, ctx, log, progress, model, runner, val_loader, "final")
     if ctx.is_main:
@@ -438,9 +439,11 @@ def fine_tune(cfg: TrainConfig, model: nn.Module, num_classes: int, resolution: 
 
 
 def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_loader, progress: Progress,
-              run_dir: Path | None, log, stopper: SignalStopper | None) -> None:
+              run_dir: Path | None, log, stopper: SignalStopper | None) -> dict | None:
     """Epochs of one phase, from wherever `progress` says the run is (checkpoints in `run_dir`;
-    None: none written; `stopper` None: signals are not caught)."""
+    None: none written; `stopper` None: signals are not caught). Returns the validation of the
+    weights the phase ended with, where its last epoch was validated (else None)."""
+    ended_with = None
     set_phase_preprocessing(train_set, cfg, phase)
     sampler = SeededSampler(len(train_set), cfg.seed + (1000 if phase.name == "fine_tune" else 0), True,
                             ctx.replica_rank, ctx.replicas)
@@ -534,6 +537,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
         due = (cfg.validate_every and progress.epoch % cfg.validate_every == 0) or (last and phase.name == "train")
         if due and val_loader is not None:
             result = validate(cfg, ctx, model, runner, val_loader)
+            ended_with = result if last else None
             record.update(val_top1=result["top1"], val_top5=result["top5"], val_loss=result["loss"], val_weights="raw")
             train_mode(model, phase.frozen)
         if log is not None:
@@ -548,6 +552,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
         stop_code = stop_requested(cfg, ctx, stopper, progress)
         if stop_code and not (last and phase.name == "fine_tune"):
             raise StopRequested(stop_code, path)
+    return ended_with
 
 
 def stop_requested(cfg: TrainConfig, ctx, stopper: SignalStopper | None, progress: Progress) -> int:
@@ -703,6 +708,11 @@ def validate(cfg, ctx, model, runner, loader) -> dict:
     """Top-1/top-5/loss of the current weights (every pipeline stage's part synced), over all replicas."""
     runner.sync_model()
     return ctx.reduce_eval(evaluate(model, loader, ctx.device, cfg.precision, cfg.channels_last))
+
+
+def last_epoch(result: dict | None) -> tuple[dict, str] | None:
+    """run_phase's validation of the weights it ended with, labelled for the final report."""
+    return None if result is None else (result, "the last epoch's weights")
 
 
 def report_validation(cfg, ctx, log, progress: Progress, model, runner, loader, label: str) -> dict:

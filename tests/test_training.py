@@ -419,29 +419,37 @@ def test_resume_replaces_the_metrics_of_steps_trained_again(tiny_args, tmp_path:
     assert [row.split(",")[:4] for row in rows] == [row.split(",")[:4] for row in straight_rows]
 
 
-def test_averaged_weights_are_validated_once_when_no_fine_tune_follows(
-        tiny_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """Without fine-tuning, the final weights are the averaged weights: the run reports the one
-    validation of them as both, instead of a second pass over the validation set. With fine-tuning
-    (the test below) the final weights differ and are validated again."""
+@pytest.mark.parametrize("extra, passes, note", [
+    ([], 1, "the averaged weights"),  # no fine-tuning: the final weights are the averaged ones
+    (["--half-res-training"], 1, "the last epoch's weights"),  # the last fine-tune epoch was validated
+    (["--half-res-training", "--validate-every", "0"], 2, None),  # it was not: the final weights are validated
+])
+def test_the_final_weights_are_validated_once(extra, passes, note, tiny_args, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Where the weights a run ends with were validated and not changed since (the averaged weights
+    without fine-tuning; the last epoch's when it was validated), that validation is reported for the
+    final weights too, instead of a second pass over the validation set."""
     calls = []
     real_validate = run_train.validate
     monkeypatch.setattr(run_train, "validate", lambda *a: calls.append(1) or real_validate(*a))
-    assert run_train.main(tiny_args("--run-name", "native")) == 0
-    run = tmp_path / "runs" / "native"
+    assert run_train.main(tiny_args(*extra, "--run-name", "run")) == 0
+    run = tmp_path / "runs" / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     validated_epochs = [r for r in records if r["event"] == "epoch" and "val_top1" in r]
     averaged, final = [r for r in records if r["event"] == "validation"]
     assert (averaged["weights"], final["weights"]) == ("averaged", "final")
-    assert validated_epochs and len(calls) == len(validated_epochs) + 1  # the raw weights each epoch, then the averaged
-    for key in ("top1", "top5", "loss", "images"):
-        assert final[key] == averaged[key]
-    assert json.loads((run / "final.json").read_text())["top1"] == averaged["top1"]
-    assert "validation (final weights: the averaged weights, validated above)" in capsys.readouterr().err
-    # and the exported weights are the averaged ones that were validated
-    average = load_checkpoint(list_checkpoints(run)[-1])["epoch_average"]
-    exported = load_file(run / "model.safetensors")
-    assert all(torch.equal(tensor, average["module." + name]) for name, tensor in exported.items())
+    assert validated_epochs and len(calls) == len(validated_epochs) + passes  # per epoch, then averaged (+ final)
+    reused = averaged if note == "the averaged weights" else validated_epochs[-1] if note else None
+    if reused is not None:
+        prefix = "" if reused is averaged else "val_"
+        assert [final[key] for key in ("top1", "top5", "loss")] == [reused[prefix + key] for key in ("top1", "top5", "loss")]
+        assert f"validation (final weights: {note}, validated above)" in capsys.readouterr().err
+    assert json.loads((run / "final.json").read_text())["top1"] == final["top1"]
+    if not extra:  # the exported weights are the averaged ones that were validated
+        average = load_checkpoint(list_checkpoints(run)[-1])["epoch_average"]
+        exported = load_file(run / "model.safetensors")
+        assert all(torch.equal(tensor, average["module." + name]) for name, tensor in exported.items())
 
 
 def test_half_res_training_fine_tunes_head_at_test_resolution(tiny_args, tmp_path: Path) -> None:
