@@ -440,10 +440,11 @@ def test_the_final_weights_are_validated_once(extra, passes, note, tiny_args, tm
     averaged, final = [r for r in records if r["event"] == "validation"]
     assert (averaged["weights"], final["weights"]) == ("averaged", "final")
     assert validated_epochs and len(calls) == len(validated_epochs) + passes  # per epoch, then averaged (+ final)
-    reused = averaged if note == "the averaged weights" else validated_epochs[-1] if note else None
-    if reused is not None:
-        prefix = "" if reused is averaged else "val_"
-        assert [final[key] for key in ("top1", "top5", "loss")] == [reused[prefix + key] for key in ("top1", "top5", "loss")]
+    if note is not None:  # the figures reported for the final weights are those of the validation reused
+        keys = ("top1", "top5", "loss")
+        reused = {"the averaged weights": [averaged[key] for key in keys],
+                  "the last epoch's weights": [validated_epochs[-1]["val_" + key] for key in keys]}[note]
+        assert [final[key] for key in keys] == reused
         assert f"validation (final weights: {note}, validated above)" in capsys.readouterr().err
     assert json.loads((run / "final.json").read_text())["top1"] == final["top1"]
     if not extra:  # the exported weights are the averaged ones that were validated
