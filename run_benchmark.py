@@ -69,6 +69,8 @@ from training.results import TABLE_SUFFIXES, check_writable, write_csv, write_js
 
 @dataclass
 class BenchmarkConfig:
+    """What to measure and how. Inline comments become --help text."""
+
     compare: list[str] = field(default_factory=lambda: ["efficientnet-b0-g16-lnpn"])  # rows, see above
     mode: str = "train"  # train | inference | data
     batch_size: int = 32  # images per step (and per loader batch in data mode)
@@ -83,7 +85,7 @@ class BenchmarkConfig:
     retain_host_memory: bool = True  # keep freed host memory for reuse (see training/host_memory.py)
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     num_classes: int = 1000  # classifier size of the benchmarked models
-    # data mode
+    # ---- data mode
     data_path: str | None = None  # an ImageNet-style folder (its train/ is read) or a folder of class folders; None: generate ImageNet-like JPEGs
     jpegs: int = 64  # images to generate when no --data-path
     resolution: int = 160  # training crop for the data mode

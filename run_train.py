@@ -1,8 +1,14 @@
-"""Train an EfficientNet: `python run_train.py --config efficientnet-b2-g16-gn [--option value ...]`.
+"""Train an EfficientNet with the paper's recipe, then validate it.
+
+    python run_train.py --config demo                    # the built-in digits: a minute on a CPU
+    python run_train.py --config efficientnet-b2-g16-gn --data-path /data/imagenet
+    python run_train.py --config efficientnet-b0-g16-lnpn --data-path /data/imagenet --half-res-training
+    torchrun --nproc-per-node 4 run_train.py --config demo --replicas 4     # data parallel
 
 One command does the whole paper recipe: train (at half resolution with --half-res-training),
 average the weights, fine-tune the head at the test resolution with test-time preprocessing, and
-validate. `--list-configs` lists the named configs; every option is in `--help`.
+validate. Options are taken from the command line, then the named config (`--list-configs` lists
+them), then the defaults below.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from .flops import count_macs
 
 @dataclass
 class SummaryArgs:
+    """What to list. Inline comments become --help text."""
+
     models: str = "all"  # comma-separated model names, or "all"
     variants: str = "g1-bn,g16-gn,g16-lnpn"  # comma-separated, from: g1-bn, g1-gn, g16-gn, g16-lnpn
     resolutions: str = "native,half"  # comma-separated: native, half, or pixel sizes

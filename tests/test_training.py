@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import math
 import re
@@ -28,6 +29,7 @@ from training.config import (
     from_dict,
     make_config,
     model_overrides,
+    option,
     parse_args,
     resolve_config,
     training_resolution,
@@ -347,6 +349,23 @@ def test_help_and_list_configs() -> None:
     assert "default: 0.875" in result.stdout or "(default: 0.875)" in result.stdout
     assert "efficientnet-b2-g16-gn" in listed and "demo" in listed and "_base" not in listed
     assert len(listed) == 33
+    import run_benchmark
+    import run_validate
+
+    for module, dataclass_type, text in zip((run_train, run_validate, run_benchmark),
+                                            (TrainConfig, run_validate.ValidateConfig, run_benchmark.BenchmarkConfig),
+                                            (h.stdout for h in helps)):
+        # each option's help is its field's inline comment, not the section heading above it
+        source = inspect.getsource(dataclass_type)
+        entries = {e.split()[0].rstrip(","): " ".join(e.split()) for e in re.split(r"\n  (?=--)", text)}
+        for f in dataclasses.fields(dataclass_type):
+            comment = re.search(rf"^    {f.name}: .*?  # (.*)$", source, re.M)
+            assert comment, f"{dataclass_type.__name__}.{f.name} has no inline comment for --help"
+            assert " ".join(comment.group(1).split()) in entries[option(f.name)], (module.__name__, f.name)
+        assert "----" not in text
+        # the usage examples of the docstring keep their lines
+        example = next(line for line in module.__doc__.splitlines() if line.startswith("    python "))
+        assert example in text.splitlines(), module.__name__
 
 
 def test_gpu_speed_hint_only_where_proxy_norm_runs_eagerly_on_a_gpu() -> None:

@@ -31,7 +31,7 @@ class ConfigError(Exception):
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Comments become --help text."""
+    """Everything a training run needs. Inline comments become --help text."""
 
     config: str | None = None  # named config from configs.yml (see --list-configs), or a YAML file of options
 
@@ -66,7 +66,7 @@ class TrainConfig:
     generated_size: int = 2048  # samples per epoch for --data generated
 
     # ---- optimisation
-    epochs: int = 350
+    epochs: int = 350  # training epochs (at the training resolution)
     micro_batch_size: int = 32  # samples per step on one replica
     gradient_accumulation: int = 1  # micro-batches per optimizer step
     optimizer: str = "rmsprop"  # rmsprop (TF form) | sgd | adamw
@@ -90,7 +90,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests, benchmarks)
 
     # ---- reduced-resolution fine-tuning
-    fine_tune_epochs: int = 2
+    fine_tune_epochs: int = 2  # after --half-res-training: epochs at the test resolution
     fine_tune_first_trainable_layer: str = "head"  # module path; everything before it is frozen
     fine_tune_lr_per_image: float = 0.25 / 512  # SGD, momentum 0, cosine
     fine_tune_batch_size: int | None = None  # None: micro_batch_size
@@ -104,12 +104,12 @@ class TrainConfig:
     retain_host_memory: bool = True  # keep freed host memory for reuse (no per-step page faults)
 
     # ---- parallel (see parallel/)
-    replicas: int = 1
+    replicas: int = 1  # data-parallel replicas (under torchrun: world size = replicas × pipeline stages)
     pipeline_splits: list[str] = field(default_factory=list)  # module paths where a stage begins
     pipeline_schedule: str = "gpipe"  # gpipe | 1f1b
 
     # ---- run, checkpoints, logging
-    seed: int = 0
+    seed: int = 0  # seeds the weights, the data order and the augmentation
     deterministic: bool = False  # deterministic kernels (exact resumes on CPU need no more)
     output_dir: str = "runs"  # where run folders are made
     run_name: str | None = None  # None: <config>-<date>-<time>
@@ -480,6 +480,29 @@ def parse_args(argv: list[str] | None, description: str = "") -> TrainConfig:
     return dataclasses.replace(cfg, config=defaults.config) if known.config is not None else cfg
 
 
+def _help_parser(dataclass_type: type, **kwargs) -> object:
+    """simple-parsing's parser, with each option's help taken from its field's inline comment.
+
+    simple-parsing prefers the comment above a field, which in these dataclasses is a section
+    heading ("# ---- data"): the first option of each section would show the heading."""
+    import simple_parsing
+    from simple_parsing.docstring import get_attribute_docstring
+
+    names = {f.name for f in dataclasses.fields(dataclass_type)}
+
+    class HelpParser(simple_parsing.ArgumentParser):
+        def format_help(self) -> str:
+            for action in self._actions:
+                name = action.dest.removeprefix("cfg.")
+                if action.dest.startswith("cfg.") and name in names:
+                    action.help = get_attribute_docstring(dataclass_type, name).comment_inline or None
+                    if action.nargs == "*":  # a list: simple-parsing would show "list"
+                        action.metavar = f"[{action.type.__name__} ...]"
+            return super().format_help()
+
+    return HelpParser(**kwargs)
+
+
 def parse_dataclass(argv: list[str], dataclass_type: type, defaults: object, description: str = "",
                     extra_arguments: list | None = None) -> object:
     """simple-parsing over a dataclass, with user errors raised as ConfigError (close matches
@@ -488,10 +511,11 @@ def parse_dataclass(argv: list[str], dataclass_type: type, defaults: object, des
 
     import simple_parsing
 
-    parser = simple_parsing.ArgumentParser(
+    parser = _help_parser(
+        dataclass_type,
         description=description,
         add_option_string_dash_variants=simple_parsing.DashVariant.DASH,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=simple_parsing.SimpleHelpFormatter,
         exit_on_error=False,
     )
     for names, kwargs in extra_arguments or []:
