@@ -18,6 +18,7 @@ import gc
 import json
 import math
 import random
+import shutil
 import signal
 import sys
 import time
@@ -54,9 +55,10 @@ from training.checkpoint import (
     atomic_write,
     checkpoint_name,
     export_safetensors,
+    is_epoch_end,
     list_checkpoints,
     load_checkpoint,
-    prune_step_checkpoints,
+    prune_checkpoints,
     save_checkpoint,
 )
 from training.config import (
@@ -644,13 +646,33 @@ def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progr
             if log is not None and log.failure is not None:  # a metrics file: the disk is full already
                 raise log.failure
             save_checkpoint(path, state)
-            prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
+            prune_checkpoints(run_dir, cfg.keep_checkpoints, cfg.keep_epoch_checkpoints)
+            if epoch_end:
+                warn_if_checkpoints_outgrow_disk(cfg, phase, progress, path, ctx.print)
         except WriteError as error:
             failed = [str(error)]
     failed = ctx.broadcast_from_main(failed)  # a full disk stops every rank with rank 0's reason, not a lost peer
     if failed[0] is not None:
         raise WriteError(failed[0])
     return path
+
+
+def warn_if_checkpoints_outgrow_disk(cfg: TrainConfig, phase: Phase, progress: Progress, written: Path,
+                                     report) -> None:
+    """At a run's first epoch checkpoint, whose size is now known: if every epoch's is kept, will
+    they fit on the disk? (B0 G16-LN+PN's are 91 MiB: 31 GiB over the paper's 350 epochs.)"""
+    if cfg.keep_epoch_checkpoints or sum(map(is_epoch_end, list_checkpoints(written.parent))) != 1:
+        return
+    due = phase.epochs - progress.epoch + (cfg.fine_tune_epochs if phase.name == "train" and needs_fine_tune(cfg) else 0)
+    size, free = written.stat().st_size, shutil.disk_usage(written.parent).free
+    if due * size > free:
+        report(f"warning: each epoch checkpoint takes {size_text(size)} and {due} more are due "
+               f"({size_text(due * size)}), but {written.parent} has {size_text(free)} free: "
+               f"--keep-epoch-checkpoints N keeps only the newest N (it may be given on --resume too)")
+
+
+def size_text(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
 def restore(state: dict, model: nn.Module, phase: Phase, scaler, cfg: TrainConfig, ctx) -> None:

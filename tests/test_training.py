@@ -9,6 +9,7 @@ import inspect
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 import run_train
 from conftest import ROOT, run_cli, run_clis, run_main, tiny_train_args
 from models import create_model
-from training.checkpoint import list_checkpoints, load_checkpoint
+from training.checkpoint import is_epoch_end, list_checkpoints, load_checkpoint
 from training.config import (
     ConfigError,
     TrainConfig,
@@ -414,6 +415,38 @@ def test_resume_mid_epoch_is_bitwise_exact(tiny_args, tmp_path: Path) -> None:
     b = load_checkpoint(list_checkpoints(tmp_path / "runs" / "cut")[-1])
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_keep_epoch_checkpoints_keeps_the_newest_and_trains_the_same(tiny_args, tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    """--keep-epoch-checkpoints 2 leaves the two newest epoch checkpoints (over both phases) and
+    changes nothing else: stopped and resumed with it, a run ends with the weights of a run that
+    kept them all. Keeping them all on a disk too small for them is warned about once, at the first."""
+    runs = tmp_path / "runs"
+    real_disk_usage = shutil.disk_usage
+
+    def small_disk(path):  # the run folders' disk has 1 MB free; other folders (/dev/shm) are as they are
+        usage = real_disk_usage(path)
+        return usage._replace(free=2**20) if runs in Path(path).parents else usage
+
+    monkeypatch.setattr(run_train.shutil, "disk_usage", small_disk)
+    extra = ["--half-res-training", "--epochs", "3"]  # 3 epochs at 24 px, 1 of fine-tuning at 32
+    assert run_train.main(tiny_args(*extra, "--run-name", "all")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "each epoch checkpoint takes" in line]
+    every = [p.name for p in list_checkpoints(runs / "all")]
+    assert len(every) == 4 and len(warnings) == 1
+    size = (runs / "all" / every[0]).stat().st_size
+    assert f"takes {size / 2**20:.0f} MiB and 3 more are due ({3 * size / 2**20:.0f} MiB)" in warnings[0]
+    assert "has 1 MiB free" in warnings[0] and "--keep-epoch-checkpoints N" in warnings[0]
+
+    keep = ["--keep-epoch-checkpoints", "2", "--run-name", "newest"]
+    assert run_train.main(tiny_args(*extra, *keep, "--stop-after-steps", "5")) == 143  # mid-way through epoch 2
+    assert run_train.main(tiny_args(*extra, *keep, "--resume", "auto")) == 0
+    assert "each epoch checkpoint takes" not in capsys.readouterr().err
+    kept = [p for p in list_checkpoints(runs / "newest") if is_epoch_end(p)]
+    assert [p.name for p in kept] == every[-2:]  # the last training epoch and the fine-tuning epoch
+    a, b = (load_file(runs / name / "model.safetensors") for name in ("all", "newest"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_replaces_the_metrics_of_steps_trained_again(tiny_args, tmp_path: Path) -> None:

@@ -147,6 +147,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [entry for *_, entry in sorted(found)]
 
 
+def is_epoch_end(checkpoint: Path) -> bool:
+    """Written at the end of an epoch (not mid-epoch, by --checkpoint-every-steps)."""
+    return CHECKPOINT_RE.match(Path(checkpoint).name).group(2) is not None
+
+
 def newest_good_checkpoint(run_dir: Path, report=print) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads; bad ones are reported and passed over."""
     for path in reversed(list_checkpoints(run_dir)):
@@ -157,10 +162,17 @@ def newest_good_checkpoint(run_dir: Path, report=print) -> tuple[Path, dict] | N
     return None
 
 
-def prune_step_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` mid-epoch checkpoints; epoch-end ones stay."""
-    step_only = [p for p in list_checkpoints(run_dir) if CHECKPOINT_RE.match(p.name).group(2) is None]
-    for path in step_only[: max(len(step_only) - keep, 0)]:
+def prune_checkpoints(run_dir: Path, keep_step: int, keep_epoch: int = 0) -> None:
+    """Delete all but the newest `keep_step` mid-epoch checkpoints and, unless `keep_epoch` is 0,
+    all but the newest `keep_epoch` epoch-end ones. A checkpoint holds the weight averages, so
+    resuming never needs an older one."""
+    checkpoints = list_checkpoints(run_dir)
+    step_only = [p for p in checkpoints if not is_epoch_end(p)]
+    epoch_end = [p for p in checkpoints if is_epoch_end(p)]
+    doomed = step_only[: max(len(step_only) - keep_step, 0)]
+    if keep_epoch > 0:
+        doomed += epoch_end[: max(len(epoch_end) - keep_epoch, 0)]
+    for path in doomed:
         path.unlink(missing_ok=True)
 
 

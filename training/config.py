@@ -115,7 +115,8 @@ class TrainConfig:
     run_name: str | None = None  # None: <config>-<date>-<time>
     resume: str | None = None  # checkpoint path, run folder, or "auto" (newest good checkpoint)
     checkpoint_every_steps: int = 0  # also checkpoint every N steps (0 = epochs only)
-    keep_checkpoints: int = 3  # step checkpoints kept (epoch checkpoints are all kept)
+    keep_checkpoints: int = 3  # mid-epoch checkpoints kept, the newest
+    keep_epoch_checkpoints: int = 0  # epoch-end checkpoints kept, the newest (0 = all)
     validate_every: int = 1  # validate every N epochs (0 = only at the end)
     skip_nonfinite_steps: int = 0  # tolerate this many NaN/Inf losses (skipped) before stopping
     progress: bool = True  # tqdm progress bars
@@ -129,7 +130,7 @@ class TrainConfig:
 # The device layout (replicas, pipeline stages) is one of them, so a checkpoint moves between layouts.
 RUN_CONTROL = (
     "config", "resume", "stop_after_steps", "progress", "wandb", "wandb_project", "workers", "output_dir",
-    "run_name", "checkpoint_every_steps", "keep_checkpoints", "device", "replicas", "pipeline_splits",
+    "run_name", "checkpoint_every_steps", "keep_checkpoints", "keep_epoch_checkpoints", "device", "replicas", "pipeline_splits",
     "pipeline_schedule", "retain_host_memory",
 )
 
@@ -144,7 +145,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 POSITIVE_INTS = ("micro_batch_size", "gradient_accumulation", "replicas", "group_size", "expand_ratio", "norm_groups")
-NON_NEGATIVE = ("epochs", "workers", "fine_tune_epochs", "checkpoint_every_steps", "validate_every", "warmup_epochs",
+NON_NEGATIVE = ("epochs", "workers", "fine_tune_epochs", "checkpoint_every_steps", "keep_epoch_checkpoints",
+                "validate_every", "warmup_epochs",
                 "mixup_alpha", "weight_decay", "proxy_weight_decay", "momentum", "skip_nonfinite_steps")
 UNIT_INTERVAL = ("hflip",)  # [0, 1]
 BELOW_ONE = ("ema_decay", "epoch_average_decay", "label_smoothing", "dropout", "stochastic_depth",  # [0, 1)
