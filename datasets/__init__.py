@@ -85,7 +85,7 @@ def open_split(
     classes = check_classes(root)
     dataset = ImageFolderDataset(split_folder(root, split), transform, classes, strict)
     if split == "train":  # a class without training images would be learned as never occurring
-        found = {label for _, label in dataset.samples}
+        found = set(dataset.samples.labels.tolist())
         empty = [name for label, name in enumerate(classes) if label not in found]
         if empty:
             raise DataError(f"{len(empty)} class folder(s) under {dataset.root} hold no image files: "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,32 @@ def list_samples(root: Path, classes: list[str]) -> tuple[list[tuple[str, int]],
     if not samples:
         raise DataError(f"no image files under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return samples, ignored
+
+
+class SampleTable(Sequence):
+    """(path, label) of every image, held in three numpy arrays instead of a list of Python objects.
+
+    A forked DataLoader worker that reads a list of (str, int) tuples writes to each object it
+    touches (reference counts), so the memory pages holding them are copied into every worker:
+    about 260 MB per worker for ImageNet's 1.28M training images, read a quarter each by 4
+    workers, against 12 MB from these arrays, which are only read and so stay shared."""
+
+    def __init__(self, samples: list[tuple[str, int]]) -> None:
+        encoded = [os.fsencode(path) for path, _ in samples]  # fsencode: any file name round-trips
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(name) for name in encoded], out=self.offsets[1:])
+        self.paths = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        index %= len(self)
+        path = self.paths[self.offsets[index]:self.offsets[index + 1]].tobytes()
+        return os.fsdecode(path), int(self.labels[index])
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -118,7 +144,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     ) -> None:
         self.root = Path(root)
         self.classes = classes if classes is not None else find_classes(self.root)
-        self.samples, self.ignored_files = list_samples(self.root, self.classes)
+        samples, self.ignored_files = list_samples(self.root, self.classes)
+        self.samples = SampleTable(samples)
         self.transform = transform
         self.strict = strict
         self.decode = decode  # path -> RGB image: `load_image`, or `RandomCropDecoder` for training crops

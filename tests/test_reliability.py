@@ -31,6 +31,7 @@ from datasets import (
     batch_bytes,
     check_classes,
     check_shared_memory,
+    image_folder,
     make_loader,
     open_split,
     shared_memory,
@@ -579,6 +580,48 @@ def test_a_batch_larger_than_the_data_is_refused_before_training(tmp_path: Path,
     err = capsys.readouterr().err
     assert "smaller than one global batch of 4096" in err and f"lower {option} " in err and "epoch" not in err
     assert not (tmp_path / "runs" / "big").exists()  # no run folder left behind
+
+
+def private_memory_bytes() -> int:
+    """This process's pages that are its own (copied after a fork, or never shared)."""
+    fields = (line.split() for line in Path("/proc/self/smaps_rollup").read_text().splitlines())
+    return sum(int(f[1]) * 1024 for f in fields if f[0] in ("Private_Clean:", "Private_Dirty:"))
+
+
+def memory_copied_by_a_forked_reader(samples) -> int:
+    """Private memory a forked process (as a DataLoader worker is) gains by reading every sample."""
+    import multiprocessing
+
+    def read(connection) -> None:
+        before = private_memory_bytes()
+        for index in range(len(samples)):
+            path, label = samples[index]
+        connection.send(private_memory_bytes() - before)
+
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=read, args=(sender,))
+    child.start()
+    grown = receiver.recv()
+    child.join()
+    return grown
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux's per-process memory figures")
+def test_forked_loader_workers_share_the_sample_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every DataLoader worker reads the dataset's (path, label) table. Held as a list of Python
+    tuples, the pages it touches are copied into the worker (reference counts are written);
+    held in numpy arrays, they stay shared. 300,000 ImageNet-like paths, read in full."""
+    samples = [(f"/data/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG", i % 1000) for i in range(300_000)]
+    samples[5] = (os.fsdecode(b"/data/imagenet/train/n00000005/caf\xe9.JPEG"), 5)  # a Latin-1 name: not UTF-8
+    monkeypatch.setattr(image_folder, "list_samples", lambda root, classes: (samples, 0))  # as if found on disk
+    table = ImageFolderDataset(tmp_path, lambda image: image, classes=["n00000000"]).samples
+    assert len(table) == len(samples) and list(table) == samples and table[-1] == samples[-1]
+    with pytest.raises(IndexError):
+        table[len(samples)]
+    as_list, as_table = memory_copied_by_a_forked_reader(samples), memory_copied_by_a_forked_reader(table)
+    assert as_list > 20 * 2**20, as_list  # the reference: about 60 MB of tuples and strings
+    assert as_table < as_list / 10, (as_table, as_list)
 
 
 # ---------------------------------------------------------------------------- bad options
