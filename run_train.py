@@ -517,10 +517,19 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             window_losses = []
             progress.step += 1
             bar.update(1)
-            if seen and not bar.disable:  # shown on a terminal only: reading the sums waits for the device
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", top1=f"{100 * int(correct) / seen:.1f}",
-                                img_s=f"{seen * ctx.replicas / (time.perf_counter() - started):.1f}",
-                                lr=f"{phase.optimizer.param_groups[0]['lr']:.2e}")
+            # this replica's running means; reading the sums waits for the device, so only where shown
+            step_in_epoch = progress.micro_batch // accumulation
+            line_due = bar.disable and ctx.rank == ctx.loss_rank and cfg.log_every and step_in_epoch % cfg.log_every == 0
+            if seen and (not bar.disable or line_due):
+                loss, top1 = float(loss_sum) / seen, 100 * int(correct) / seen
+                images_per_s = seen * ctx.replicas / (time.perf_counter() - started)
+                lr = phase.optimizer.param_groups[0]["lr"]
+                if line_due:  # a job's log gets a line now and then instead of a bar
+                    ctx.print(f"{phase.name} epoch {epoch + 1}/{phase.epochs} step {step_in_epoch}/"
+                              f"{phase.steps_per_epoch}: loss {loss:.4f}, train top-1 {top1:.2f} %, "
+                              f"{images_per_s:.1f} img/s, lr {lr:.3e}", rank=ctx.loss_rank)
+                else:
+                    bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.1f}", img_s=f"{images_per_s:.1f}", lr=f"{lr:.2e}")
             # mid-epoch checkpoints (the epoch's last step is checkpointed at the end of the epoch)
             stop_code = stop_requested(cfg, ctx, stopper, progress)
             periodic = cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0

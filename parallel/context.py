@@ -57,8 +57,14 @@ class Context:
     def stage(self) -> int:
         return self.rank % self.stages
 
-    def print(self, *args: object) -> None:
-        if self.is_main:
+    @property
+    def loss_rank(self) -> int:
+        """The rank that computes the first replica's losses: its last pipeline stage (rank 0 without a pipeline)."""
+        return self.stages - 1
+
+    def print(self, *args: object, rank: int = 0) -> None:
+        """Print on one rank (by default rank 0), to stderr."""
+        if self.rank == rank:
             print(*args, file=sys.stderr, flush=True)
 
     def barrier(self) -> None:

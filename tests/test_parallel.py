@@ -100,9 +100,13 @@ def test_gradient_accumulation_equals_big_batch(runs: Path, norm: str, extra: li
 def test_two_stage_pipeline_equals_unsplit_model(runs: Path) -> None:
     common = [*EXACT, "--micro-batch-size", "4", "--gradient-accumulation", "2"]
     assert run_train.main(tiny_train_args(runs, *common, "--run-name", "whole")) == 0
-    result = torchrun(2, tiny_train_args(runs, *common, "--pipeline-splits", "blocks.3", "--run-name", "pipe"))
+    result = torchrun(2, tiny_train_args(runs, *common, "--pipeline-splits", "blocks.3", "--run-name", "pipe",
+                                         "--log-every", "1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(final_weights(runs / "whole"), final_weights(runs / "pipe"), atol=1e-5)
+    # the losses are the last stage's: it prints the lines of a log without bars
+    steps = [line.split(":")[0] for line in result.stderr.splitlines() if " step " in line]
+    assert steps == [f"train epoch 1/1 step {k}/3" for k in (1, 2, 3)], result.stderr[-3000:]
     assert epoch_record(runs / "pipe")["train_loss"] == pytest.approx(epoch_record(runs / "whole")["train_loss"],
                                                                       abs=1e-5)
     (runs / "pipe" / "final.json").unlink()  # else a finished run is left as it is

@@ -417,6 +417,24 @@ def test_resume_mid_epoch_is_bitwise_exact(tiny_args, tmp_path: Path) -> None:
         assert torch.equal(tensor, b["model"][name]), name
 
 
+def test_a_log_without_progress_bars_gets_a_line_every_n_steps(tiny_args, capsys) -> None:
+    """Where no bar shows (a job's log file, --progress false), --log-every N prints the running
+    figures every N steps; the epoch's last step shows what the epoch's summary then reports."""
+    assert run_train.main(tiny_args("--log-every", "1", "--run-name", "every")) == 0  # 2 epochs of 3 steps
+    lines = capsys.readouterr().err.splitlines()
+    steps = [line for line in lines if re.match(r"train epoch \d/2 step \d/3: ", line)]
+    assert [line.split(":")[0] for line in steps] == [f"train epoch {e}/2 step {s}/3" for e in (1, 2) for s in (1, 2, 3)]
+    for epoch in (1, 2):
+        summary = next(line for line in lines if line.startswith(f"train epoch {epoch}/2: "))
+        last = steps[3 * epoch - 1]
+        for figure in (r"loss [\d.]+", r"train top-1 [\d.]+ %"):
+            assert re.search(figure, last).group() == re.search(figure, summary).group(), (last, summary)
+        assert re.search(r"lr \d\.\d{3}e[-+]\d\d$", last)
+    for flag in ("0", "100"):  # none, or fewer steps than N
+        assert run_train.main(tiny_args("--log-every", flag, "--run-name", f"n{flag}")) == 0
+        assert " step " not in capsys.readouterr().err
+
+
 def test_keep_epoch_checkpoints_keeps_the_newest_and_trains_the_same(tiny_args, tmp_path: Path, monkeypatch,
                                                                       capsys) -> None:
     """--keep-epoch-checkpoints 2 leaves the two newest epoch checkpoints (over both phases) and

@@ -119,7 +119,8 @@ class TrainConfig:
     keep_epoch_checkpoints: int = 0  # epoch-end checkpoints kept, the newest (0 = all)
     validate_every: int = 1  # validate every N epochs (0 = only at the end)
     skip_nonfinite_steps: int = 0  # tolerate this many NaN/Inf losses (skipped) before stopping
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # tqdm progress bars (shown on a terminal only)
+    log_every: int = 100  # where no bar shows (a job's log file, --progress false): a line every N steps; 0 = none
     wandb: bool = False  # log to Weights & Biases (offline unless WANDB_API_KEY is set)
     wandb_project: str = "efficientnet-g16"  # Weights & Biases project name
     stop_after_steps: int | None = None  # stop after this many steps in all, checkpointing as on SIGTERM
@@ -130,7 +131,7 @@ class TrainConfig:
 # The device layout (replicas, pipeline stages) is one of them, so a checkpoint moves between layouts.
 RUN_CONTROL = (
     "config", "resume", "stop_after_steps", "progress", "wandb", "wandb_project", "workers", "output_dir",
-    "run_name", "checkpoint_every_steps", "keep_checkpoints", "keep_epoch_checkpoints", "device", "replicas", "pipeline_splits",
+    "run_name", "checkpoint_every_steps", "keep_checkpoints", "keep_epoch_checkpoints", "log_every", "device", "replicas", "pipeline_splits",
     "pipeline_schedule", "retain_host_memory",
 )
 
@@ -145,7 +146,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 POSITIVE_INTS = ("micro_batch_size", "gradient_accumulation", "replicas", "group_size", "expand_ratio", "norm_groups")
-NON_NEGATIVE = ("epochs", "workers", "fine_tune_epochs", "checkpoint_every_steps", "keep_epoch_checkpoints",
+NON_NEGATIVE = ("epochs", "workers", "fine_tune_epochs", "checkpoint_every_steps", "keep_epoch_checkpoints", "log_every",
                 "validate_every", "warmup_epochs",
                 "mixup_alpha", "weight_decay", "proxy_weight_decay", "momentum", "skip_nonfinite_steps")
 UNIT_INTERVAL = ("hflip",)  # [0, 1]
