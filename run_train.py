@@ -461,6 +461,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     accumulation = cfg.gradient_accumulation
     settings = step_settings(cfg, device, scaler)
+    bars_shown = cfg.progress and sys.stderr.isatty()  # as tqdm decides for rank 0's bar (disable=None)
 
     while progress.epoch < phase.epochs:
         epoch = progress.epoch
@@ -519,7 +520,8 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             bar.update(1)
             # this replica's running means; reading the sums waits for the device, so only where shown
             step_in_epoch = progress.micro_batch // accumulation
-            line_due = bar.disable and ctx.rank == ctx.loss_rank and cfg.log_every and step_in_epoch % cfg.log_every == 0
+            line_due = (not bars_shown and ctx.rank == ctx.loss_rank and cfg.log_every
+                        and step_in_epoch % cfg.log_every == 0)
             if seen and (not bar.disable or line_due):
                 loss, top1 = float(loss_sum) / seen, 100 * int(correct) / seen
                 images_per_s = seen * ctx.replicas / (time.perf_counter() - started)
