@@ -67,8 +67,9 @@ class SampleTable(Sequence):
 
     A forked DataLoader worker that reads a list of (str, int) tuples writes to each object it
     touches (reference counts), so the memory pages holding them are copied into every worker:
-    about 260 MB per worker for ImageNet's 1.28M training images, read a quarter each by 4
-    workers, against 12 MB from these arrays, which are only read and so stay shared."""
+    about 250 MiB per worker for ImageNet's 1.28M training images, whether 4 or 16 workers share
+    the epoch, against 3-12 MiB from these arrays, which are only read and so stay shared
+    (scripts/loader_worker_memory.py, docs/benchmarks.md A.5)."""
 
     def __init__(self, samples: list[tuple[str, int]]) -> None:
         encoded = [os.fsencode(path) for path, _ in samples]  # fsencode: any file name round-trips
