@@ -45,6 +45,7 @@ class SeededSampler(torch.utils.data.Sampler):
         if self.total > self.length:
             order = torch.cat([order, order[: self.total - self.length]])
         seeds = torch.randint(2**62, (self.total,), generator=generator)
-        mine = range(self.rank, self.total, self.world_size)
-        for position in list(mine)[self.start :]:
-            yield int(order[position]), int(seeds[position])
+        # this rank's share as Python ints at once: indexing the tensors per sample took 2.8 us a
+        # sample in the loader's main process (3.6 s an ImageNet epoch)
+        mine = slice(self.rank + self.start * self.world_size, self.total, self.world_size)
+        yield from zip(order[mine].tolist(), seeds[mine].tolist())

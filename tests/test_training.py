@@ -789,6 +789,14 @@ def test_sampler_shards_cover_every_sample(length: int, world_size: int) -> None
     assert max(map(len, exact)) - min(map(len, exact)) <= 1
     assert [len(SeededSampler(length, 5, rank=r, world_size=world_size, pad=False)) for r in range(world_size)] == \
         list(map(len, exact))
+    # resuming mid-epoch: the rest of the same epoch's shard, samples and seeds alike
+    for rank in range(world_size):
+        sampler = SeededSampler(length, 5, rank=rank, world_size=world_size)
+        sampler.set_epoch(3)
+        whole = list(sampler)
+        skip = min(2, len(whole))
+        sampler.set_epoch(3, start=skip)
+        assert list(sampler) == whole[skip:] and len(sampler) == len(whole) - skip
 
 
 def _jpeg_with_fine_detail(path: Path, width: int, height: int) -> Path:
