@@ -69,7 +69,7 @@ from training.results import TABLE_SUFFIXES, check_writable, write_csv, write_js
 
 @dataclass
 class BenchmarkConfig:
-    """What to measure and how. Inline comments become --help text."""
+    """What to measure and how."""
 
     compare: list[str] = field(default_factory=lambda: ["efficientnet-b0-g16-lnpn"])  # rows, see above
     mode: str = "train"  # train | inference | data

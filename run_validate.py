@@ -44,7 +44,7 @@ from training.trained import WEIGHTS, MissingWeights, load_weights, model_from_w
 
 @dataclass
 class ValidateConfig:
-    """What to sweep and how. Inline comments become --help text."""
+    """What to sweep and how."""
 
     checkpoint: str = ""  # a checkpoint (.pt), exported weights (.safetensors), or a run folder
     resolutions: str | None = None  # comma-separated test resolutions, e.g. 160,192,224

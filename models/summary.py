@@ -21,7 +21,7 @@ from .flops import count_macs
 
 @dataclass
 class SummaryArgs:
-    """What to list. Inline comments become --help text."""
+    """What to list."""
 
     models: str = "all"  # comma-separated model names, or "all"
     variants: str = "g1-bn,g16-gn,g16-lnpn"  # comma-separated, from: g1-bn, g1-gn, g16-gn, g16-lnpn

@@ -31,7 +31,7 @@ class ConfigError(Exception):
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Inline comments become --help text."""
+    """Everything a training run needs."""
 
     config: str | None = None  # named config from configs.yml (see --list-configs), or a YAML file of options
 
