@@ -443,7 +443,7 @@ def test_keep_epoch_checkpoints_keeps_the_newest_and_trains_the_same(tiny_args, 
     runs = tmp_path / "runs"
     real_disk_usage = shutil.disk_usage
 
-    def small_disk(path):  # the run folders' disk has 1 MB free; other folders (/dev/shm) are as they are
+    def small_disk(path):  # the run folders' disk has 1 MiB free; other folders (/dev/shm) are as they are
         usage = real_disk_usage(path)
         return usage._replace(free=2**20) if runs in Path(path).parents else usage
 
