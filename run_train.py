@@ -461,7 +461,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     accumulation = cfg.gradient_accumulation
     settings = step_settings(cfg, device, scaler)
-    bars_shown = cfg.progress and sys.stderr.isatty()  # as tqdm decides for rank 0's bar (disable=None)
+    bars_shown = cfg.progress and sys.stderr.isatty()  # on rank 0, on a terminal; otherwise a line now and then
 
     while progress.epoch < phase.epochs:
         epoch = progress.epoch
@@ -477,7 +477,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
         window_losses: list[torch.Tensor] = []
         bar = tqdm(total=phase.steps_per_epoch, initial=progress.micro_batch // accumulation,
                    desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
-                   disable=None if cfg.progress and ctx.is_main else True,  # None: off when not a terminal
+                   disable=not (bars_shown and ctx.is_main),
                    leave=False, dynamic_ncols=True)
         for images, labels, skipped_files in loader:
             if progress.micro_batch // accumulation >= phase.steps_per_epoch:
