@@ -20,11 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets.image_folder import SampleTable  # noqa: E402
-
-
-def private_mib() -> float:
-    fields = (line.split() for line in Path("/proc/self/smaps_rollup").read_text().splitlines())
-    return sum(int(f[1]) for f in fields if f[0] in ("Private_Clean:", "Private_Dirty:")) / 1024
+from training.measure import private_memory_bytes  # noqa: E402
 
 
 class ReadShare(torch.utils.data.IterableDataset):
@@ -35,12 +31,12 @@ class ReadShare(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        before = private_mib()
+        before = private_memory_bytes() / 2**20
         share = list(range(info.id, len(self.samples), info.num_workers))
         random.Random(info.id).shuffle(share)
         for index in share:
             path, label = self.samples[index]
-        yield before, private_mib()
+        yield before, private_memory_bytes() / 2**20
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import ConfigError, resolve_config
+from training.measure import SMAPS_ROLLUP, private_memory_bytes
 
 # a run long enough to be interrupted: 2 epochs of 6 steps, a checkpoint every step
 LONG = ["--epochs", "2", "--max-steps-per-epoch", "6", "--checkpoint-every-steps", "1", "--fine-tune-epochs", "0",
@@ -582,12 +583,6 @@ def test_a_batch_larger_than_the_data_is_refused_before_training(tmp_path: Path,
     assert not (tmp_path / "runs" / "big").exists()  # no run folder left behind
 
 
-def private_memory_bytes() -> int:
-    """This process's pages that are its own (copied after a fork, or never shared)."""
-    fields = (line.split() for line in Path("/proc/self/smaps_rollup").read_text().splitlines())
-    return sum(int(f[1]) * 1024 for f in fields if f[0] in ("Private_Clean:", "Private_Dirty:"))
-
-
 def memory_copied_by_a_forked_reader(samples) -> int:
     """Private memory a forked process (as a DataLoader worker is) gains by reading every sample."""
     import multiprocessing
@@ -607,7 +602,7 @@ def memory_copied_by_a_forked_reader(samples) -> int:
     return grown
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux's per-process memory figures")
+@pytest.mark.skipif(not SMAPS_ROLLUP.exists(), reason="reads Linux's per-process memory figures")
 def test_forked_loader_workers_share_the_sample_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every DataLoader worker reads the dataset's (path, label) table. Held as a list of Python
     tuples, the pages it touches are copied into the worker (reference counts are written);

@@ -6,6 +6,7 @@ Operators per step: a dispatch mode counts them (on a GPU, about the kernel laun
 Profile: torch.profiler's operators with the most self time, and on a GPU how busy it was.
 Peak memory: on CUDA the allocator's high-water mark; on CPU, where PyTorch keeps no such
 statistic, a dispatch mode counts the bytes of tensors alive at once during the call.
+Private memory: the pages a process holds alone (Linux), e.g. those a forked worker copied.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -136,6 +138,15 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         result = fn()
         del result
     return tracker.peak
+
+
+SMAPS_ROLLUP = Path("/proc/self/smaps_rollup")  # Linux's per-process memory figures
+
+
+def private_memory_bytes() -> int:
+    """This process's pages that are its own: never shared, or copied since a fork."""
+    fields = (line.split() for line in SMAPS_ROLLUP.read_text().splitlines())
+    return sum(int(f[1]) * 1024 for f in fields if f[0] in ("Private_Clean:", "Private_Dirty:"))
 
 
 def profile_summary(fn: Callable[[], object], device: torch.device, calls: int = 3, rows: int = 15) -> str:
