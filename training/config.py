@@ -131,8 +131,8 @@ class TrainConfig:
 # The device layout (replicas, pipeline stages) is one of them, so a checkpoint moves between layouts.
 RUN_CONTROL = (
     "config", "resume", "stop_after_steps", "progress", "wandb", "wandb_project", "workers", "output_dir",
-    "run_name", "checkpoint_every_steps", "keep_checkpoints", "keep_epoch_checkpoints", "log_every", "device", "replicas", "pipeline_splits",
-    "pipeline_schedule", "retain_host_memory",
+    "run_name", "checkpoint_every_steps", "keep_checkpoints", "keep_epoch_checkpoints", "log_every", "device",
+    "replicas", "pipeline_splits", "pipeline_schedule", "retain_host_memory",
 )
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -147,8 +147,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE_INTS = ("micro_batch_size", "gradient_accumulation", "replicas", "group_size", "expand_ratio", "norm_groups")
 NON_NEGATIVE = ("epochs", "workers", "fine_tune_epochs", "checkpoint_every_steps", "keep_epoch_checkpoints", "log_every",
-                "validate_every", "warmup_epochs",
-                "mixup_alpha", "weight_decay", "proxy_weight_decay", "momentum", "skip_nonfinite_steps")
+                "validate_every", "warmup_epochs", "mixup_alpha", "weight_decay", "proxy_weight_decay", "momentum",
+                "skip_nonfinite_steps")
 UNIT_INTERVAL = ("hflip",)  # [0, 1]
 BELOW_ONE = ("ema_decay", "epoch_average_decay", "label_smoothing", "dropout", "stochastic_depth",  # [0, 1)
              "rmsprop_decay")
