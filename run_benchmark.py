@@ -212,13 +212,37 @@ class Prepared:
     round_medians: list[float] = field(default_factory=list)  # the median step of each round
 
 
+def check_compiled_rows(rows: list[Row], rounds: int) -> None:
+    """Interleaved rounds keep every row's compiled graph at once, all entries of one function's cache
+    (the model's forward), which Dynamo caps: past the cap, a row would run eagerly while named compiled."""
+    compiled = sum(bool(row.checked.compile if row.checked else row.compile) for row in rows)
+    if rounds == 1 or compiled < 2:
+        return
+    import torch._dynamo  # only where rows are compiled: Dynamo takes a while to import
+
+    limit = torch._dynamo.config.recompile_limit
+    if compiled > limit:
+        raise ConfigError(f"--compare has {compiled} compiled rows, and with --rounds {rounds} all of them stay "
+                          f"compiled at once; torch.compile keeps at most {limit} graphs of a model's forward "
+                          f"(torch._dynamo.config.recompile_limit) and would run the rest eagerly. Use --rounds 1, "
+                          f"or compare at most {limit} compiled rows")
+
+
+def eager_copy(row: Row) -> Row:
+    checked = row.checked and replace(row.checked, compile=False, compile_mode="default")
+    return replace(row, compile=False, compile_mode="default", checked=checked)
+
+
 def prepare_row(row: Row, args: BenchmarkConfig, device: torch.device) -> Prepared:
     torch.manual_seed(0)
     model, cfg = build(row, args.num_classes)
     memory_format = torch.channels_last if row.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     macs = count_macs(model, row.resolution) / 1e9
-    forward = torch.compile(model, mode=row.compile_mode) if row.compile else model
+    # dynamic=False: each row's graph is traced for its own sizes. Otherwise a compiled row after another of
+    # other sizes (a resolution, or a G1 model's weights after a G16 one's) would meet that row's cache entry,
+    # and Dynamo would trace a shape-generic graph: not the program a run of the row alone would time
+    forward = torch.compile(model, mode=row.compile_mode, dynamic=False) if row.compile else model
     x = torch.randn(args.batch_size, 3, row.resolution, row.resolution, device=device)
     x = x.contiguous(memory_format=memory_format)
     y = torch.randint(args.num_classes, (args.batch_size,), device=device)
@@ -290,6 +314,8 @@ def benchmark_rows(rows: list[Row], args: BenchmarkConfig, device: torch.device)
             report(f"measured {row.spec}: {results[-1]['images_per_s']:.1f} img/s")  # kept if a timeout cuts the table
             profile_row(prepared, results[-1], args, device)
             del prepared
+            if row.compile:  # free its graphs (and CUDA graphs' pool); the next row's compile starts afresh
+                torch.compiler.reset()
         return results
     prepared_rows = []
     for row in rows:
@@ -490,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [parse_row(spec) for spec in args.compare] if args.mode != "data" else []
         for row in rows:
             check_row(row, args.batch_size if args.mode == "train" else None)
+        check_compiled_rows(rows, args.rounds)
         device = pick_device(args.device, 0)
         tune_for_device(device)
     except (ConfigError, DataError, ParallelError) as error:
@@ -519,8 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     print("# matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print(f"# mode {args.mode}, batch {args.batch_size}, {args.warmup_steps} warm-up + {args.timed_steps} timed steps"
           + (f", {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
-    # the first thing a process runs is slow (allocator, kernel caches): run the first row once untimed
-    first = prepare_row(replace(rows[0]), args, device)  # a copy: prepare_row fills in the row
+    # the first thing a process runs is slow (allocator, kernel caches): run the first row once untimed,
+    # eagerly (a compile here would be thrown away: minutes for B2 on a GPU)
+    first = prepare_row(eager_copy(rows[0]), args, device)  # a copy: prepare_row fills in the row
     median_step_seconds(first.step, device, 1, 1)
     del first
     try:

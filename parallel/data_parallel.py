@@ -42,8 +42,16 @@ class Runner:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(model, device_ids=device_ids)
         module = self.ddp if self.ddp is not None else model
-        # reduce-overhead replays CUDA graphs: a step's kernels launched at once, for host-bound models
-        self.forward_module = torch.compile(module, mode=compile_mode) if compile_model else module
+        self.forward_module = module
+        if compile_model:
+            # A phase compiles afresh, for its one input shape. Without the reset, the fine-tune phase
+            # (another resolution) would meet the train phase's cache entry, and Dynamo would take the
+            # changed size as dynamic: a shape-generic recompile, slower to build. The reset also
+            # frees the last phase's graphs (and its CUDA graphs' memory pool). dynamic=False: any other
+            # shape (a blank batch of one) gets a static graph of its own.
+            torch.compiler.reset()
+            # reduce-overhead replays CUDA graphs: a step's kernels launched at once, for host-bound models
+            self.forward_module = torch.compile(module, mode=compile_mode, dynamic=False)
 
     def micro_step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None, final: bool,
                    settings: StepSettings, blank: torch.Tensor | None = None,

@@ -10,7 +10,8 @@
 #   bash scripts/gpu_benchmarks.sh OUTPUT_DIR
 #
 # DEVICE, BATCH, TIMED, ROUNDS, BUDGET and PYTHON override the defaults (cuda, 128, 5, 2, 540,
-# python3); STEPS names the steps to run (see run_named), in order; e.g.
+# python3); STEP_CAP replaces every step's own time limit (for a step run alone on a fresh machine,
+# whose compiles take longer); STEPS names the steps to run (see run_named), in order; e.g.
 # DEVICE=cpu BATCH=2 TIMED=1 ROUNDS=1 COMPILE=0 checks the script itself on a machine without a GPU.
 # On an H200 (2026-11-26) a step of 4-6 eager rows took 30-60 s (a new dtype or layout spends 7-26 s
 # in cuDNN's autotuner), a compiled row 70-125 s more; the tests step 113 s. On an H100 (later that
@@ -47,7 +48,7 @@ fi
 
 failed=0
 run_step() {  # name, most seconds it may take, then the command; stops at the budget's end
-    local name=$1 cap=$2 left=$((budget - SECONDS))
+    local name=$1 cap=${STEP_CAP:-$2} left=$((budget - SECONDS))
     shift 2
     if [ "$left" -lt 20 ]; then
         echo "== $name: skipped, the budget of ${budget} s is spent" | tee "$out/$name.txt"
@@ -64,7 +65,7 @@ run_step() {  # name, most seconds it may take, then the command; stops at the b
     fi
 }
 # no new round starts after half a step's time, so that its table is printed before the cap
-bench() { run_step "$1" "$2" "$python" run_benchmark.py "${common[@]}" --round-time-limit $(($2 / 2)) \
+bench() { run_step "$1" "$2" "$python" run_benchmark.py "${common[@]}" --round-time-limit $((${STEP_CAP:-$2} / 2)) \
     --results-file "$out/$1.json" "${@:3}"; }
 
 # an interleaved A/B of scripts/ab_proxy_norm.py at 160 px: name, --what, precision

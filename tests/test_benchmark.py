@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import run_benchmark
-from conftest import ROOT, run_cli
+from conftest import ROOT, all_static, record_dynamo_graphs, run_cli
 from training.measure import device_busy_us, profile_summary
 
 TINY_ROW = "demo@32+fp32+nocl+width=0.25+depth=0.25"
@@ -298,13 +298,44 @@ def test_proxy_norm_ab_script_times_every_variant_and_restores_the_model(monkeyp
 
 def test_a_rows_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     modes = []
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None, dynamic=None: modes.append(mode) or module)
     args = run_benchmark.BenchmarkConfig(batch_size=2, num_classes=10)
     for flags, expected in (("+compile", "default"), ("+compile+compile_mode=max-autotune", "max-autotune")):
         prepared = run_benchmark.prepare_row(run_benchmark.parse_row(TINY_ROW + flags), args, torch.device("cpu"))
         assert modes[-1] == expected and prepared.row.compile_mode == expected
     run_benchmark.prepare_row(run_benchmark.parse_row(TINY_ROW), args, torch.device("cpu"))
     assert len(modes) == 2  # not compiled: torch.compile is not called
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_compiled_rows_are_traced_for_their_own_sizes(rounds: int, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Two compiled rows of one process, at 32 and 40 px, G16 then G1 (other weight shapes): each
+    graph is traced with its own static sizes, as a run of that row alone would compile it. Before,
+    the second row's changed sizes were taken as dynamic, and a shape-generic graph was timed."""
+    traced = record_dynamo_graphs(monkeypatch)
+    g1 = "demo@40+fp32+nocl+width=0.25+depth=0.25+group_size=1+norm=batch+proxy_norm=false"
+    code = run_benchmark.main(["--compare", TINY_ROW + "+compile", g1 + "+compile", "--batch-size", "2",
+                               "--warmup-steps", "0", "--timed-steps", "1", "--rounds", str(rounds),
+                               "--num-classes", "10"])
+    assert code == 0, capsys.readouterr().err
+    assert len(traced) == 2, traced  # the untimed warm-up of the first row runs eagerly
+    for shapes, resolution in zip(traced, (32, 40)):
+        assert all_static(shapes) and (2, 3, resolution, resolution) in shapes, shapes
+
+
+def test_more_compiled_rows_than_dynamo_keeps_are_refused_with_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    """Interleaved rounds keep all compiled rows at once: past Dynamo's limit a row would run
+    eagerly under a compiled row's name, so such a comparison is refused before anything is built."""
+    import torch._dynamo
+
+    argv = ["--compare", TINY_ROW + "+compile", TINY_ROW + "+compile+proxy_norm=false", "--batch-size", "2",
+            "--timed-steps", "1", "--num-classes", "10"]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert run_benchmark.main([*argv, "--rounds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--compare has 2 compiled rows" in err and "torch._dynamo.config.recompile_limit" in err
+    assert "Traceback" not in err
 
 
 def test_gpu_busy_time_counts_each_kernel_once() -> None:
