@@ -46,7 +46,8 @@ class Runner:
         if compile_model:
             # A phase compiles afresh, for its one input shape. Without the reset, the fine-tune phase
             # (another resolution) would meet the train phase's cache entry, and Dynamo would take the
-            # changed size as dynamic: a shape-generic recompile, slower to build. The reset also
+            # changed size as dynamic: a shape-generic graph, not the one a run at that resolution alone
+            # compiles (a B2 benchmark row traced so ran past 430 s on an H200, docs C.12). The reset also
             # frees the last phase's graphs (and its CUDA graphs' memory pool). dynamic=False: any other
             # shape (a blank batch of one) gets a static graph of its own.
             torch.compiler.reset()

@@ -16,7 +16,8 @@
 # On an H200 (2026-11-26) a step of 4-6 eager rows took 30-60 s (a new dtype or layout spends 7-26 s
 # in cuDNN's autotuner), a compiled row 70-125 s more; the tests step 113 s. On an H100 (later that
 # day) the tests step took 141 s and a compiled row 65-75 s; on a freshly started H100 (2026-11-27)
-# the tests needed over 183 s and a compiled B2 row 209 s. Rows' img/s go to
+# the tests needed over 183 s and a compiled B2 row 209 s; on freshly started H200s (later that day) a
+# compiled B2 G1-BN row 144 s, and G16-LN+PN's more than 234 s. Rows' img/s go to
 # stderr as they are measured, so a step cut by its time limit still shows what finished.
 set -uo pipefail
 if [ $# -ne 1 ]; then echo "usage: bash scripts/gpu_benchmarks.sh OUTPUT_DIR" >&2; exit 2; fi
@@ -117,7 +118,8 @@ run_named() {
         train_paper_b2) bench "$1" 200 --compare "${paper_b2[@]}" ;;
         train_b2_cuda_graphs) bench "$1" 400 --rounds 1 --compare $b2-g1-bn@260+bf16+cl $b2-g16-lnpn@196+bf16+cl \
             $b2-g16-lnpn@196+bf16+cl+compile+compile_mode=reduce-overhead ;;
-        # G1-BN under CUDA graphs too (C.11 compared CUDA-graphed G16-LN+PN with eager G1-BN)
+        # G1-BN under CUDA graphs too (C.11 compared CUDA-graphed G16-LN+PN with eager G1-BN): two B2
+        # compiles, about 400 s on a fresh machine, so STEP_CAP=570 BUDGET=580 in a call of its own
         train_b2_cuda_graphs_bn) bench "$1" 400 --rounds 1 --compare $b2-g1-bn@260+bf16+cl \
             $b2-g1-bn@260+bf16+cl+compile+compile_mode=reduce-overhead \
             $b2-g16-lnpn@196+bf16+cl+compile+compile_mode=reduce-overhead ;;
