@@ -48,8 +48,8 @@ class Runner:
             # (another resolution) would meet the train phase's cache entry, and Dynamo would take the
             # changed size as dynamic: a shape-generic graph, not the one a run at that resolution alone
             # compiles (a B2 benchmark row traced so ran past 430 s on an H200, docs C.12). The reset also
-            # frees the last phase's graphs (and its CUDA graphs' memory pool). dynamic=False: any other
-            # shape (a blank batch of one) gets a static graph of its own.
+            # frees the last phase's graphs (and its CUDA graphs' memory pool). dynamic=False: another
+            # shape would get a static graph of its own.
             torch.compiler.reset()
             # reduce-overhead replays CUDA graphs: a step's kernels launched at once, for host-bound models
             self.forward_module = torch.compile(module, mode=compile_mode, dynamic=False)
@@ -77,12 +77,13 @@ class Runner:
     def _all_reduce_without_data(self, blank: torch.Tensor, settings: StepSettings) -> None:
         """A backward whose gradients are all zero, through DDP, which then all-reduces this
         replica's accumulated gradients with the others'. In eval mode: no norm statistics move
-        and no dropout is drawn."""
+        and no dropout is drawn. Through DDP uncompiled: a compiled model would stop here for minutes
+        to compile a graph for this one rare batch."""
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
             with settings.autocast():
-                logits = self.forward_module(blank)
+                logits = self.ddp(blank)
             (logits.float().sum() * 0.0).backward()
         finally:
             for module, training in modes:

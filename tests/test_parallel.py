@@ -218,7 +218,17 @@ torch.manual_seed(0)
 model = create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
                      dropout=0.0, stochastic_depth=0.0)
 settings = StepSettings(F.cross_entropy, torch.amp.GradScaler("cpu", enabled=False), nullcontext, 2)
-runner = Runner(model, ctx)
+traced = []  # compiled: the batch sizes of the inputs Dynamo traced graphs for
+
+def recording_backend(graph, example_inputs):
+    values = [node.meta.get("example_value") for node in graph.graph.nodes if node.op == "placeholder"]
+    traced.extend(value.shape[0] for value in values if isinstance(value, torch.Tensor)
+                  and value.shape[1:] == (3, 32, 32))
+    return graph.forward
+
+compile_model = torch.compile
+torch.compile = lambda module, mode=None, **kwargs: compile_model(module, backend=recording_backend, **kwargs)
+runner = Runner(model, ctx, compile_model=sys.argv[4] == "compiled")
 images, labels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
 if ctx.rank == 0:  # a window of two micro-batches
     runner.micro_step(images[:2], labels[:2], False, settings)
@@ -226,22 +236,25 @@ if ctx.rank == 0:  # a window of two micro-batches
 else:  # the same window, where no image of the last micro-batch could be decoded
     runner.micro_step(images[:2], labels[:2], False, settings)
     runner.micro_step(None, None, True, settings, blank=torch.zeros(1, 3, 32, 32))
-torch.save(dict(training=[m.training for m in model.modules()],
+torch.save(dict(training=[m.training for m in model.modules()], traced=traced,
                 grads={n: p.grad for n, p in model.named_parameters()}), sys.argv[1] + f"/rank{ctx.rank}.pt")
 torch.distributed.destroy_process_group()
 """
 
 
-def test_a_replica_whose_last_micro_batch_has_no_image_still_joins_the_all_reduce(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_a_replica_whose_last_micro_batch_has_no_image_still_joins_the_all_reduce(tmp_path: Path, mode: str) -> None:
     """Every image of one replica's last micro-batch undecodable: it used to skip the backward, and
     with it DDP's all-reduce, which the other replicas then waited in for ever. It now backpropagates
-    zeros through a blank image: both replicas hold the mean of what they accumulated."""
+    zeros through a blank image: both replicas hold the mean of what they accumulated. Compiled,
+    the blank image goes through DDP eagerly: no graph is compiled for its batch of one (on a GPU,
+    minutes), which Dynamo's graphs are recorded to show."""
     script = tmp_path / "blank_step.py"
     script.write_text(BLANK_STEP)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
-         "sh", "-c", f'exec "{sys.executable}" "{script}" "{tmp_path}" "{ROOT}" "$RANK"'],
+         "sh", "-c", f'exec "{sys.executable}" "{script}" "{tmp_path}" "{ROOT}" "$RANK" {mode}'],
         capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -261,6 +274,7 @@ def test_a_replica_whose_last_micro_batch_has_no_image_still_joins_the_all_reduc
             torch.testing.assert_close(rank["grads"][name], expected, atol=1e-4 * float(expected.abs().max()),
                                        rtol=1e-4, msg=name)
     assert all(ranks[1]["training"])  # the blank step ran in eval mode and put the modes back
+    assert all(rank["traced"] == ([] if mode == "eager" else [2]) for rank in ranks), [r["traced"] for r in ranks]
 
 
 def test_layout_errors_are_refused_before_work(runs: Path, capsys) -> None:
