@@ -19,6 +19,12 @@
 # the tests needed over 183 s and a compiled B2 row 209 s; on freshly started H200s (later that day) a
 # compiled B2 G1-BN row 144 s, and G16-LN+PN's more than 234 s. Rows' img/s go to
 # stderr as they are measured, so a step cut by its time limit still shows what finished.
+#
+# Compiles take most of a short lease; Inductor's cache carries them over to the next one. The
+# steps compile into a cache folder, packed after them into OUTPUT_DIR/inductor-cache.tar.gz when
+# that is under 16 MiB (what a device run brings back per file). CACHE=FILE.tar.gz unpacks such a
+# pack before the steps, so compiles that hit it skip Inductor's code generation and Triton's
+# builds (the key includes the torch version and the GPU: reuse it on the same kind of machine).
 set -uo pipefail
 if [ $# -ne 1 ]; then echo "usage: bash scripts/gpu_benchmarks.sh OUTPUT_DIR" >&2; exit 2; fi
 out=$1
@@ -28,8 +34,19 @@ budget=${BUDGET:-540}
 common=(--device "$device" --batch-size "${BATCH:-128}" --warmup-steps 3 --timed-steps "${TIMED:-5}"
         --rounds "${ROUNDS:-2}")
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2  # absolute: the steps run from the repository root
+cache_pack=${CACHE:-}
+if [ -n "$cache_pack" ]; then
+    [ -f "$cache_pack" ] || { echo "error: CACHE=$cache_pack: no such file" >&2; exit 2; }
+    cache_pack=$(cd "$(dirname "$cache_pack")" && pwd)/$(basename "$cache_pack")
+fi
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/gpu_benchmarks_inductor_cache}
+mkdir -p "$TORCHINDUCTOR_CACHE_DIR" || exit 2
+if [ -n "$cache_pack" ]; then
+    tar -xzf "$cache_pack" -C "$TORCHINDUCTOR_CACHE_DIR" || { echo "error: CACHE=$cache_pack is not a .tar.gz" >&2; exit 2; }
+    echo "# Inductor cache unpacked from $cache_pack"
+fi
 # an offline GPU machine may lack simple-parsing (and docstring-parser): wheels of both in .whl/
 # (pip download --no-deps ... -d .whl) are installed beside the machine's packages
 if ! "$python" -c 'import simple_parsing' 2>/dev/null; then
@@ -132,5 +149,15 @@ default_steps="train_paper inference_paper train_precision tests train_compile_l
 for name in ${STEPS:-$default_steps}; do
     run_named "$name"
 done
+pack=$out/inductor-cache.tar.gz
+if [ -n "$(ls -A "$TORCHINDUCTOR_CACHE_DIR")" ] && tar -czf "$pack" -C "$TORCHINDUCTOR_CACHE_DIR" .; then
+    size=$(stat -c %s "$pack")
+    if [ "$size" -gt $((16 * 1024 * 1024)) ]; then
+        rm -f "$pack"
+        echo "# Inductor cache not kept: $((size / 1048576)) MiB packed, over the 16 MiB a device run brings back"
+    else
+        echo "# Inductor cache packed: $pack ($((size / 1024)) KiB); CACHE=... reuses it"
+    fi
+fi
 echo "== done in $SECONDS s"
 exit $failed
