@@ -229,6 +229,7 @@ def check_compiled_rows(rows: list[Row], rounds: int) -> None:
 
 
 def eager_copy(row: Row) -> Row:
+    """The row, not compiled (its checked config too, from which `build` fills the row in)."""
     checked = row.checked and replace(row.checked, compile=False, compile_mode="default")
     return replace(row, compile=False, compile_mode="default", checked=checked)
 

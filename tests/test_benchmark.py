@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import run_benchmark
-from conftest import ROOT, all_static, record_dynamo_graphs, run_cli
+from conftest import ROOT, run_cli
+from dynamo_graphs import all_static, record_dynamo_graphs
 from training.measure import device_busy_us, profile_summary
 
 TINY_ROW = "demo@32+fp32+nocl+width=0.25+depth=0.25"
