@@ -78,7 +78,7 @@ from training.config import (
     to_dict,
     training_resolution,
 )
-from training.data import open_dataset, set_preprocessing
+from training.data import class_names, open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
 from training.finetune import check_layer_name, freeze_before, train_mode
 from training.host_memory import retain_freed_memory
@@ -368,8 +368,10 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     else:
         final = report_validation(cfg, ctx, log, progress, model, runner, val_loader, "final")
     if ctx.is_main:
-        export_safetensors(model.state_dict(), run_dir / "model.safetensors",
-                           {"config": json.dumps(to_dict(cfg)), "num_classes": str(num_classes)})
+        metadata = {"config": json.dumps(to_dict(cfg)), "num_classes": str(num_classes)}
+        if class_names(train_set) is not None:  # the class folder names, by output index
+            metadata["classes"] = json.dumps(class_names(train_set))
+        export_safetensors(model.state_dict(), run_dir / "model.safetensors", metadata)
         summary = json.dumps(dict(final, step=progress.step, resolution=native), indent=2)
         log.close()
         if log.failure is not None:  # the final validation's records: the run is not done until they are written
@@ -429,13 +431,15 @@ def make_fine_tune_phase(cfg: TrainConfig, model: nn.Module, num_classes: int, t
     )
 
 
-def fine_tune(cfg: TrainConfig, model: nn.Module, num_classes: int, resolution: int, ctx: parallel.Context) -> None:
-    """The paper's fine-tune of the head at `resolution` with test-time preprocessing, in place.
+def fine_tune(cfg: TrainConfig, model: nn.Module, num_classes: int, resolution: int, ctx: parallel.Context,
+              classes: list[str] | None = None) -> None:
+    """The paper's fine-tune of the head at `resolution` with test-time preprocessing, in place
+    (`classes`: the model's saved class names, which label the training images).
     run_validate.py calls this for its per-resolution protocol: a pass that is not resumed, so it
     writes no checkpoints, and Ctrl-C stops it at once (KeyboardInterrupt)."""
     cfg = dataclasses.replace(cfg, resolution=resolution, checkpoint_every_steps=0, stop_after_steps=None,
                               validate_every=0)
-    train_set = open_dataset(cfg, "train", resolution)
+    train_set = open_dataset(cfg, "train", resolution, num_classes, trained=True, trained_classes=classes)
     phase = make_fine_tune_phase(cfg, model, num_classes, len(train_set), ctx)
     scaler = make_scaler(cfg, ctx.device)
     runner = parallel.wrap(model, cfg, ctx)
@@ -536,7 +540,8 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             stop_code = stop_requested(cfg, ctx, stopper, progress)
             periodic = cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0
             if (stop_code or periodic) and progress.micro_batch // accumulation < phase.steps_per_epoch:
-                path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, False, runner, log)
+                path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, False, runner, log,
+                                        class_names(train_set))
                 if stop_code:
                     raise StopRequested(stop_code, path)
         bar.close()
@@ -567,7 +572,8 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             + (f", val top-1 {record['val_top1']:.2f} % top-5 {record['val_top5']:.2f} %" if "val_top1" in record else "")
             + (f", {record['skipped_images']} images skipped" if record["skipped_images"] else "")
         )
-        path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, True, runner, log)
+        path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, True, runner, log,
+                                class_names(train_set))
         stop_code = stop_requested(cfg, ctx, stopper, progress)
         if stop_code and not (last and phase.name == "fine_tune"):
             raise StopRequested(stop_code, path)
@@ -633,8 +639,9 @@ def mix(mixer: BatchMixer, images, labels, seed: int, replica: int, progress: Pr
 
 
 def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progress: Progress,
-                     epoch_end: bool, runner, log: MetricsLog | None) -> Path | None:
-    """Every rank joins in (pipeline stages merge their slices); rank 0 writes atomically."""
+                     epoch_end: bool, runner, log: MetricsLog | None, classes: list[str] | None) -> Path | None:
+    """Every rank joins in (pipeline stages merge their slices); rank 0 writes atomically.
+    `classes`: the class folder names, by output index (None for generated data)."""
     if run_dir is None:  # a pass that is never resumed (run_validate's fine-tuning)
         return None
     state = dict(
@@ -647,6 +654,7 @@ def write_checkpoint(cfg, ctx, run_dir: Path, model, phase: Phase, scaler, progr
         progress=dataclasses.asdict(progress),
         rng=ctx.all_gather_object(rng_state()),  # every rank's stream (dropout, drop-path), by rank
         config=to_dict(cfg),
+        classes=classes,
         metrics_bytes=log.sizes() if log is not None else None,  # a resume cuts the metrics files back to these
     )
     path, failed = None, [None]

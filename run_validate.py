@@ -56,7 +56,7 @@ class ValidateConfig:
     timed_batches: int = 10  # timed batches; the median is reported
     fine_tune_epochs: int = 0  # the paper's protocol: fine-tune the head at each resolution first
     data: str | None = None  # override the checkpoint's data settings
-    data_path: str | None = None  # the folder with validation/ (or val/); None: the checkpoint's
+    data_path: str | None = None  # the folder with validation/ (or val/), and train/ for --fine-tune-epochs; None: the checkpoint's
     workers: int | None = None  # data loader processes; None: the checkpoint's
     precision: str | None = None  # fp32 | bf16 | fp16; None: the checkpoint's
     channels_last: bool | None = None  # None: the checkpoint's
@@ -227,7 +227,7 @@ def check_sources(sources: list[Path], weights: str) -> list[Path]:
 def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, rows: list[dict]) -> None:
     """Appends one row per test resolution of `source` to `rows` as each is measured, so that the
     points done survive a failure at a later one."""
-    cfg, state = load_weights(source, args.weights)
+    cfg, state, classes = load_weights(source, args.weights)
     overrides = {name: getattr(args, name) for name in ("data", "data_path", "workers", "precision", "channels_last",
                                                         "crop_pct") if getattr(args, name) is not None}
     if (args.data or cfg.data) != "imagenet" and args.data_path is None:
@@ -243,7 +243,11 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
     model = model.to(device, memory_format=memory_format).eval()
     resolutions = resolutions or [native_resolution(cfg)]
     check_shared_memory(cfg.workers, 1, batch_bytes(args.batch_size, max(resolutions)), "--workers or --batch-size")
-    val_set = open_dataset(cfg, "validation", native_resolution(cfg), num_classes)
+    if classes is not None and len(classes) > num_classes:
+        raise CheckpointError(f"{source}: it names {len(classes)} classes for {num_classes} outputs")
+    # the validation folder alone: its class folders are labelled by the names saved with the model
+    val_set = open_dataset(cfg, "validation", native_resolution(cfg), num_classes, trained=True,
+                           trained_classes=classes)
     if len(val_set.classes) > num_classes:  # labels past the classifier's outputs
         raise DataError(f"{source.name} has {num_classes} outputs, but the validation data ({cfg.data}"
                         f"{' ' + str(cfg.data_path) if cfg.data_path else ''}) has {len(val_set.classes)} classes: "
@@ -259,7 +263,7 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
 
             tested = copy.deepcopy(model)
             run_train.fine_tune(dataclasses.replace(cfg, fine_tune_epochs=args.fine_tune_epochs), tested,
-                                num_classes, resolution, ctx)
+                                num_classes, resolution, ctx, classes)
         result = evaluate(tested, loader, device, cfg.precision, cfg.channels_last, args.progress,
                           f"{source.name} @ {resolution}px")
         speed = inference_throughput(tested, args.batch_size, resolution, device, args.warmup_batches,

@@ -55,6 +55,37 @@ def check_classes(root: Path) -> list[str]:
     return train
 
 
+def classes_for_model(root: Path, split: str, known: list[str] | None, outputs: int) -> list[str]:
+    """The class names that give a trained model's split its labels, by output index.
+
+    `known`: the class folder names the model was trained on, saved with it. The split's folders
+    must be among them (a subset is fine: each image keeps its own class's output); for the train
+    split (fine-tuning), all of them. Unknown (generated data, a file written before the names were
+    saved): train/'s folders where there is a train/, else the split's own, which must then number
+    the model's `outputs`: with fewer, which output each folder is cannot be told."""
+    folder = split_folder(root, split)
+    found = find_classes(folder)
+    if known is not None:
+        strange = sorted(set(found) - set(known))
+        if strange:
+            raise DataError(f"{len(strange)} class folder(s) under {folder} are not among the {len(known)} classes "
+                            f"the model was trained on: {', '.join(strange[:5])}{' ...' if len(strange) > 5 else ''} "
+                            f"(its classes include {', '.join(known[:5])}): validate on the kind of data it was "
+                            f"trained on")
+        if split == "train" and found != known:
+            missing = sorted(set(known) - set(found))
+            raise DataError(f"fine-tuning needs every class the model was trained on; {folder} lacks "
+                            f"{len(missing)}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        return known
+    if (root / "train").is_dir():
+        return check_classes(root)
+    if len(found) != outputs:
+        raise DataError(f"{folder} has {len(found)} class folders and the model {outputs} outputs, and the model's "
+                        f"file holds no class names to match them by: give a folder with all {outputs} classes, or "
+                        f"with the train/ folder it was trained on beside it")
+    return found
+
+
 def data_root(kind: str, data_path: str | None) -> Path | None:
     """The image folder that `--data kind` reads (None for generated data); unknown kinds and a
     missing `--data-path` are refused."""
@@ -78,11 +109,17 @@ def open_split(
     resolution: int = 224,
     num_classes: int = 1000,
     generated_size: int = 1024,
+    trained: bool = False,
+    trained_classes: list[str] | None = None,
 ) -> torch.utils.data.Dataset:
+    """`trained`: the data is for a model already trained, of `num_classes` outputs, whose saved
+    class names are `trained_classes` (None: not saved), and only the split itself must exist (see
+    `classes_for_model`). Otherwise a model is to be trained on it: its classes are train/'s, and
+    validation/ must hold the same."""
     if kind == "generated":
         return GeneratedDataset(generated_size, resolution, num_classes, seed=0 if split == "train" else 1)
     root = data_root(kind, data_path)
-    classes = check_classes(root)
+    classes = classes_for_model(root, split, trained_classes, num_classes) if trained else check_classes(root)
     dataset = ImageFolderDataset(split_folder(root, split), transform, classes, strict)
     if split == "train":  # a class without training images would be learned as never occurring
         found = set(dataset.samples.labels.tolist())
@@ -216,6 +253,7 @@ __all__ = [
     "Skipped",
     "batch_bytes",
     "check_classes",
+    "classes_for_model",
     "check_shared_memory",
     "collate_skipping",
     "data_root",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +18,20 @@ from safetensors.torch import load_file, save_file
 import run_train
 import run_validate
 from conftest import ROOT, run_cli, run_main, tiny_train_args
-from datasets import DEMO_ROOT, ImageFolderDataset, SeededSampler, check_classes, eval_transform, make_loader
+from datasets import (
+    DEMO_ROOT,
+    ImageFolderDataset,
+    SeededSampler,
+    check_classes,
+    eval_transform,
+    load_image,
+    make_loader,
+)
 from training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from training.config import ConfigError
 from training.evaluate import evaluate
 from training.measure import inference_throughput
-from training.trained import load_trained_model
+from training.trained import load_trained_model, load_weights
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +257,72 @@ def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path, capsys)
         assert code == 2 and needle in stderr, (args, stderr)
     result = run_cli("run_validate.py", *cases[1][0])  # a corrupt checkpoint, as a process
     assert result.returncode == 2 and "truncated or corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_validation_folder_alone_is_labelled_by_the_class_names_saved_with_the_model(
+        trained_run: Path, tmp_path: Path, capsys) -> None:
+    """ImageNet's validation set is often all a machine holds: validation reads only val/ (or
+    validation/). Its class folders are labelled by the class names saved with the model, so a
+    folder holding two of the ten classes scores each image against its own class's output.
+    (Before, a train/ folder was required, and labels came from a folder's place among those present.)"""
+    classes = check_classes(DEMO_ROOT)
+    weights = trained_run / "model.safetensors"
+    assert load_weights(weights)[2] == classes  # saved with the exported weights
+    assert load_weights(list_checkpoints(trained_run)[-1])[2] == classes  # and with every checkpoint
+    subset = tmp_path / "subset"
+    for name in ("3", "7"):
+        shutil.copytree(DEMO_ROOT / "validation" / name, subset / "val" / name)
+
+    # the reference: each image through the model by hand, against its own class's output
+    model, cfg = load_trained_model(weights)
+    transform = eval_transform(cfg.resolution, cfg.crop_pct)
+    images, labels = [], []
+    for name in ("3", "7"):
+        for path in sorted((subset / "val" / name).iterdir()):
+            images.append(transform(load_image(str(path))))
+            labels.append(classes.index(name))
+    with torch.no_grad():
+        logits = model(torch.stack(images))
+    labels = torch.tensor(labels)
+    expected_top1 = 100.0 * float((logits.argmax(1) == labels).float().mean())
+    expected_loss = float(torch.nn.functional.cross_entropy(logits, labels))
+
+    prefix = tmp_path / "sweep"
+    common = ["--checkpoint", str(weights), "--data", "imagenet", "--progress", "false", "--timed-batches", "1",
+              "--output-prefix", str(prefix)]
+    assert run_validate.main([*common, "--data-path", str(subset)]) == 0
+    row = _rows(prefix)[0]
+    assert row["images"] == len(labels)
+    assert row["top1"] == pytest.approx(expected_top1) and row["loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+    # folders the model does not know are refused by name; the fine-tune protocol needs train/ too
+    (subset / "val" / "cat").mkdir()
+    code, stderr = run_main(run_validate.main, [*common, "--data-path", str(subset)], capsys)
+    assert code == 2 and "class folder(s) under" in stderr and ": cat (its classes include 0, 1" in stderr, stderr
+    (subset / "val" / "cat").rmdir()
+    code, stderr = run_main(run_validate.main, [*common, "--data-path", str(subset), "--fine-tune-epochs", "1"], capsys)
+    assert code == 2 and f"{subset} has no train/ folder for the train split" in stderr, stderr
+
+
+def test_a_validation_folder_alone_needs_every_class_when_no_names_were_saved(trained_run: Path,
+                                                                               tmp_path: Path, capsys) -> None:
+    """A checkpoint written before the class names were saved: a validation folder alone is
+    labelled by its own folders' order only when it holds as many classes as the model has outputs."""
+    state = load_checkpoint(list_checkpoints(trained_run)[-1])
+    del state["classes"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    assert load_weights(old)[2] is None
+    shutil.copytree(DEMO_ROOT / "validation", tmp_path / "all" / "validation")
+    common = ["--checkpoint", str(old), "--data", "imagenet", "--progress", "false", "--timed-batches", "1"]
+    assert run_validate.main([*common, "--data-path", str(tmp_path / "all"),
+                              "--output-prefix", str(tmp_path / "all-sweep")]) == 0
+    assert run_validate.main([*common, "--data", "demo", "--output-prefix", str(tmp_path / "demo-sweep")]) == 0
+    for key in ("top1", "loss", "images"):  # the same images under the same labels as with train/ beside them
+        assert _rows(tmp_path / "all-sweep")[0][key] == _rows(tmp_path / "demo-sweep")[0][key], key
+    shutil.rmtree(tmp_path / "all" / "validation" / "9")
+    code, stderr = run_main(run_validate.main, [*common, "--data-path", str(tmp_path / "all")], capsys)
+    assert code == 2 and "has 9 class folders and the model 10 outputs" in stderr, stderr
 
 
 def test_data_with_more_classes_than_the_model_has_outputs_is_refused(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """What a run leaves behind, loaded back: a checkpoint (.pt) or exported weights (.safetensors)
 as (config, weights), or as a ready model.
 
-    from training.trained import load_trained_model
+    from training.trained import load_trained_model, load_weights
     model, cfg = load_trained_model("runs/demo-20261125-223620/model.safetensors")
+    cfg, state, classes = load_weights("runs/demo-20261125-223620/model.safetensors")  # classes[i]: output i's
 
 Checkpoints load with `weights_only=True` and safetensors hold no code, so neither runs anything.
 """
@@ -46,8 +47,10 @@ def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor
         raise CheckpointError(f"weights file {path} is truncated or corrupt: {error}") from None
 
 
-def load_weights(path: str | Path, weights: str = "raw") -> tuple[TrainConfig, dict[str, torch.Tensor]]:
-    """The run's config and one set of its weights (`raw`, `ema` or `averaged`) as a state dict."""
+def load_weights(path: str | Path, weights: str = "raw") -> tuple[TrainConfig, dict[str, torch.Tensor], list[str] | None]:
+    """The run's config, one set of its weights (`raw`, `ema` or `averaged`) as a state dict, and
+    the names of the class folders it was trained on, by output index (None for generated data, and
+    for files written before the names were saved)."""
     path = Path(path)
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
@@ -58,7 +61,11 @@ def load_weights(path: str | Path, weights: str = "raw") -> tuple[TrainConfig, d
         if weights != "raw":
             raise MissingWeights(f"--weights {weights}: {path} holds only the final weights; use --weights raw",
                                  ["raw"])
-        return from_dict(json.loads(metadata["config"]), f"config in {path}"), state
+        try:
+            classes = json.loads(metadata["classes"]) if "classes" in metadata else None
+        except json.JSONDecodeError:
+            classes = False  # refused below
+        return from_dict(json.loads(metadata["config"]), f"config in {path}"), state, checked_classes(classes, path)
     state = load_checkpoint(path)
     cfg = from_dict(state["config"], f"config saved in {path}")
     chosen = state.get(WEIGHTS[weights])
@@ -67,7 +74,13 @@ def load_weights(path: str | Path, weights: str = "raw") -> tuple[TrainConfig, d
         raise MissingWeights(f"--weights {weights}: {path} has no such weights (it has: {', '.join(have)})", have)
     if weights != "raw":  # AveragedModel state: module.* plus its n_averaged counter
         chosen = {k.removeprefix("module."): v for k, v in chosen.items() if k != "n_averaged"}
-    return cfg, chosen
+    return cfg, chosen, checked_classes(state.get("classes"), path)
+
+
+def checked_classes(classes, path: Path) -> list[str] | None:
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(name, str) for name in classes)):
+        raise CheckpointError(f"{path}: its class names are not a list of names")
+    return classes
 
 
 def model_from_weights(cfg: TrainConfig, state: dict[str, torch.Tensor], source: str | Path) -> EfficientNet:
@@ -86,5 +99,5 @@ def model_from_weights(cfg: TrainConfig, state: dict[str, torch.Tensor], source:
 def load_trained_model(path: str | Path, weights: str = "raw") -> tuple[EfficientNet, TrainConfig]:
     """(model in eval mode on the CPU, its training config) from a checkpoint or exported weights.
     The config says how to preprocess: `datasets.eval_transform(resolution, cfg.crop_pct)`."""
-    cfg, state = load_weights(path, weights)
+    cfg, state, _ = load_weights(path, weights)
     return model_from_weights(cfg, state, path), cfg
