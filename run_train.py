@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if state is None and cfg.initial_weights:  # (a resume takes its weights from the checkpoint)
             initial = read_initial_weights(cfg.initial_weights)
             fit_initial_weights(meta_model(cfg), initial)
-        check_data_folder(cfg)  # the checkpoint's data folder when resuming: --data-path is not run control
+        check_data_folder(cfg, state, state_path)  # the checkpoint's data folder when resuming: --data-path is not run control
         check_loader_memory(cfg, ctx)
         if ctx.is_main:
             created = None if run_dir.exists() else run_dir
@@ -248,13 +248,28 @@ def check_before_work(cfg: TrainConfig) -> None:
     parallel.check_layout(cfg, model)
 
 
-def check_data_folder(cfg: TrainConfig) -> None:
+def check_data_folder(cfg: TrainConfig, state: dict | None = None, state_path: Path | None = None) -> None:
     """The data folder's splits and classes (no image is read): checked after the options, whose
     errors are the ones to report first, and before the run folder is made, so that a wrong
-    --data-path leaves nothing behind."""
+    --data-path leaves nothing behind. A resume goes on with the classes it was trained on: by
+    name where the checkpoint saved them, and in number (its classifier's outputs) in any case."""
     root = data_root(cfg.data, cfg.data_path)
-    if root is not None:
-        check_classes(root)
+    if root is None:
+        return
+    classes = check_classes(root)
+    if state is None:
+        return
+    saved = state.get("classes")
+    if saved is not None and classes != saved:
+        added, gone = sorted(set(classes) - set(saved)), sorted(set(saved) - set(classes))
+        raise DataError(f"the class folders under {root} are not those {state_path.name} was trained on "
+                        f"(new: {', '.join(added[:5]) or 'none'}; gone: {', '.join(gone[:5]) or 'none'}): resume on the same "
+                        f"data, or start a new run from its weights with --initial-weights {state_path}")
+    outputs = state["model"]["classifier.1.weight"].shape[0]
+    if (cfg.num_classes or len(classes)) != outputs:
+        raise DataError(f"{root} has {len(classes)} classes, but {state_path.name} was trained with {outputs} "
+                        f"outputs: resume on the same data, or start a new run from its weights with "
+                        f"--initial-weights {state_path}")
 
 
 def gpu_speed_hint(cfg: TrainConfig, device: torch.device) -> str | None:

@@ -560,6 +560,23 @@ def test_resume_checks_the_checkpoints_data_folder(tmp_path: Path, capsys: pytes
     assert run_train.main(tiny_train_args(tmp_path / "runs", *base, "--resume", "auto")) == 2  # --data demo here
     assert f"data path not found: {data}" in capsys.readouterr().err
     (tmp_path / "moved").rename(data)
+    # the same folder with its classes changed: refused by name before any work (it used to end in
+    # load_state_dict's traceback when their number changed, and to train on with labels moved
+    # when a name changed), and, for a checkpoint without the names, by number
+    for split in ("train", "validation"):
+        (data / split / "bird").mkdir()
+        Image.new("RGB", (40, 36), (30, 200, 30)).save(data / split / "bird" / "0.jpg")
+    checkpoint = list_checkpoints(tmp_path / "runs" / "r")[-1]
+    assert run_train.main(tiny_train_args(tmp_path / "runs", *base, "--resume", "auto")) == 2
+    assert f"the class folders under {data} are not those {checkpoint.name} was trained on (new: bird; gone: none)" \
+        in capsys.readouterr().err
+    state = load_checkpoint(checkpoint)
+    assert state.pop("classes") == ["cat", "dog"]
+    save_checkpoint(checkpoint, state)
+    assert run_train.main(tiny_train_args(tmp_path / "runs", *base, "--resume", "auto")) == 2
+    assert f"{data} has 3 classes, but {checkpoint.name} was trained with 2 outputs" in capsys.readouterr().err
+    for split in ("train", "validation"):
+        shutil.rmtree(data / split / "bird")
     assert run_train.main(tiny_train_args(tmp_path / "runs", *base, "--resume", "auto")) == 0
     assert (tmp_path / "runs" / "r" / "final.json").is_file()
 
