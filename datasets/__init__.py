@@ -7,9 +7,14 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import multiprocessing.util
+import os
 import signal
+import sys
+import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -156,6 +161,30 @@ def leave_stops_to_the_main_process(worker_id: int) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that made it exits
+
+
+def exit_with_the_main_process(main_pid: int, kernel_watch: bool) -> None:
+    """A loader worker ends when its main process dies, even one killed as the worker starts.
+
+    torch's worker loop stops when `getppid()` differs from the parent it saw when the loop began.
+    A main process killed (SIGKILL, the OOM killer) before that moment leaves the worker seeing
+    init as its parent from the start: it polled for work for ever (seen in a test run, 34 minutes
+    on). Here, before torch's loop: on Linux the kernel is asked to kill the worker when its parent
+    dies (`kernel_watch`, only for workers started by the main thread, as the request follows the
+    thread that forked), then a parent already gone ends it at once."""
+    if kernel_watch and sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != main_pid:
+        os._exit(1)
+
+
+def start_worker(main_pid: int, kernel_watch: bool, worker_id: int) -> None:
+    """Every loader worker's worker_init_fn."""
+    leave_stops_to_the_main_process(worker_id)
+    exit_with_the_main_process(main_pid, kernel_watch)
+
+
 def kill_workers_left_at_exit() -> None:
     """At exit, multiprocessing terminates daemonic children (SIGTERM) and then joins them. Loader
     workers ignore SIGTERM, so one still running then (its iterator never closed: left in a global,
@@ -190,16 +219,17 @@ class _StopSafeIterator(_MultiProcessingDataLoaderIter):
 
 class StopSafeLoader(torch.utils.data.DataLoader):
     """A DataLoader whose workers are started with SIGINT and SIGTERM blocked, which they inherit,
-    until `leave_stops_to_the_main_process` (their worker_init_fn) ignores them: a stop sent to the
-    whole process group while workers start (at each epoch and validation) cannot kill one before
-    it ignores it. In the main process a signal that comes meanwhile waits, and is handled once
-    they have started. Since workers ignore SIGTERM, one that outlives its iterator's shutdown is
-    killed (`_StopSafeIterator`)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, worker_init_fn=leave_stops_to_the_main_process, **kwargs)
+    until `leave_stops_to_the_main_process` (in their worker_init_fn) ignores them: a stop sent to
+    the whole process group while workers start (at each epoch and validation) cannot kill one
+    before it ignores it. In the main process a signal that comes meanwhile waits, and is handled
+    once they have started. Since workers ignore SIGTERM, one that outlives its iterator's shutdown
+    is killed (`_StopSafeIterator`), and one whose main process dies ends with it
+    (`exit_with_the_main_process`)."""
 
     def __iter__(self):
+        if self.num_workers > 0:  # the process and thread that start this iterator's workers
+            in_main_thread = threading.current_thread() is threading.main_thread()
+            self.worker_init_fn = partial(start_worker, os.getpid(), in_main_thread)
         if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):  # (no signal masks on Windows)
             return super().__iter__()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

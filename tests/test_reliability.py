@@ -188,6 +188,102 @@ def test_a_process_exits_with_loader_workers_left_running() -> None:
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
+_KILLED_AS_WORKERS_START = """
+import os, signal, sys, threading, time
+import torch
+import datasets
+from datasets import SeededSampler, make_loader
+from torch.utils.data._utils import worker
+
+if sys.argv[1] == "main":  # the main process dies after the workers' init, before torch's loop notes their parent
+    noting = worker.ManagerWatchdog.__init__
+    def slow_watchdog(self):
+        time.sleep(2)
+        noting(self)
+    worker.ManagerWatchdog.__init__ = slow_watchdog
+else:  # it dies before their init; the iterator was started by another thread, which has ended
+    ignoring = datasets.leave_stops_to_the_main_process
+    def slow_init(worker_id):
+        time.sleep(2)
+        ignoring(worker_id)
+    datasets.leave_stops_to_the_main_process = slow_init
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, index):
+        return torch.zeros(3), 0
+
+loader = make_loader(Items(), 2, SeededSampler(8, 0, shuffle=False), 2)
+started = []
+if sys.argv[1] == "main":
+    started.append(iter(loader))
+else:
+    thread = threading.Thread(target=lambda: started.append(iter(loader)))
+    thread.start()
+    thread.join()
+print(*[process.pid for process in started[0]._workers], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead child that no one has reaped yet)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the kernel's watch is Linux's")
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_workers_end_with_a_main_process_killed_as_they_start(where: str) -> None:
+    """torch's worker loop ends when the worker's parent is no longer the one it noted on starting.
+    A main process killed (the OOM killer, SIGKILL) while its workers started left them noting init
+    as their parent, and polling for work for ever: one was found 34 minutes after a test's kill.
+    Now the kernel kills them with their main process, and a worker whose main process is already
+    gone when it starts exits (the only way when a thread other than the main one started them)."""
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_AS_WORKERS_START, where], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    workers = [int(pid) for pid in process.stdout.readline().split()]  # not to EOF: orphaned workers hold it
+    assert process.wait(timeout=120) == -signal.SIGKILL and len(workers) == 2
+    deadline = time.monotonic() + 30
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if _running(pid)]
+    for pid in left:  # not left behind by a failure
+        os.kill(pid, signal.SIGKILL)
+    process.stdout.close()
+    assert not left
+
+
+def test_workers_started_by_a_thread_that_ends_live_on() -> None:
+    """The kernel's watch follows the thread that started a worker, not its process: it is asked
+    for only when the main thread starts them, or a loader started by a thread that then ends would
+    lose its workers (its next batch waiting until the loader's timeout)."""
+    script = (
+        "import threading, time, torch, datasets\n"
+        "from datasets import SeededSampler, make_loader\n"
+        "datasets.shared_memory.BATCH_TIMEOUT_S = 5.0\n"
+        "class Items(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n"
+        "        return 8\n"
+        "    def __getitem__(self, index):\n"
+        "        time.sleep(0.2)\n"
+        "        return torch.zeros(3), 0\n"
+        "loader = make_loader(Items(), 2, SeededSampler(8, 0, shuffle=False), 2)\n"
+        "started = []\n"
+        "thread = threading.Thread(target=lambda: started.append(iter(loader)))\n"
+        "thread.start()\n"
+        "thread.join()\n"
+        "time.sleep(1)\n"
+        "print(sum(1 for _ in started[0]), 'batches')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["4", "batches"], result.stderr[-2000:]
+
+
 class _StuckItems(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 4
