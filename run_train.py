@@ -44,6 +44,7 @@ from datasets import (
     data_root,
     eval_transform,
     make_loader,
+    some_names,
     train_transform,
 )
 from datasets.shared_memory import loader_failure
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if state is None and cfg.initial_weights:  # (a resume takes its weights from the checkpoint)
             initial = read_initial_weights(cfg.initial_weights)
             fit_initial_weights(meta_model(cfg), initial)
-        check_data_folder(cfg, state, state_path)  # the checkpoint's data folder when resuming: --data-path is not run control
+        # the checkpoint's data folder when resuming: --data-path is not run control
+        check_data_folder(cfg, state, state_path)
         check_loader_memory(cfg, ctx)
         if ctx.is_main:
             created = None if run_dir.exists() else run_dir
@@ -263,8 +265,8 @@ def check_data_folder(cfg: TrainConfig, state: dict | None = None, state_path: P
     if saved is not None and classes != saved:
         added, gone = sorted(set(classes) - set(saved)), sorted(set(saved) - set(classes))
         raise DataError(f"the class folders under {root} are not those {state_path.name} was trained on "
-                        f"(new: {', '.join(added[:5]) or 'none'}; gone: {', '.join(gone[:5]) or 'none'}): resume on the same "
-                        f"data, or start a new run from its weights with --initial-weights {state_path}")
+                        f"(new: {some_names(added) or 'none'}; gone: {some_names(gone) or 'none'}): resume on "
+                        f"the same data, or start a new run from its weights with --initial-weights {state_path}")
     outputs = state["model"]["classifier.1.weight"].shape[0]
     if (cfg.num_classes or len(classes)) != outputs:
         raise DataError(f"{root} has {len(classes)} classes, but {state_path.name} was trained with {outputs} "
@@ -384,8 +386,9 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
         final = report_validation(cfg, ctx, log, progress, model, runner, val_loader, "final")
     if ctx.is_main:
         metadata = {"config": json.dumps(to_dict(cfg)), "num_classes": str(num_classes)}
-        if class_names(train_set) is not None:  # the class folder names, by output index
-            metadata["classes"] = json.dumps(class_names(train_set))
+        classes = class_names(train_set)
+        if classes is not None:  # the class folder names, by output index
+            metadata["classes"] = json.dumps(classes)
         export_safetensors(model.state_dict(), run_dir / "model.safetensors", metadata)
         summary = json.dumps(dict(final, step=progress.step, resolution=native), indent=2)
         log.close()
@@ -471,6 +474,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
     None: none written; `stopper` None: signals are not caught). Returns the validation of the
     weights the phase ended with, where its last epoch was validated (else None)."""
     ended_with = None
+    classes = class_names(train_set)  # saved in each checkpoint
     set_phase_preprocessing(train_set, cfg, phase)
     sampler = SeededSampler(len(train_set), cfg.seed + (1000 if phase.name == "fine_tune" else 0), True,
                             ctx.replica_rank, ctx.replicas)
@@ -556,7 +560,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             periodic = cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0
             if (stop_code or periodic) and progress.micro_batch // accumulation < phase.steps_per_epoch:
                 path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, False, runner, log,
-                                        class_names(train_set))
+                                        classes)
                 if stop_code:
                     raise StopRequested(stop_code, path)
         bar.close()
@@ -587,8 +591,7 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             + (f", val top-1 {record['val_top1']:.2f} % top-5 {record['val_top5']:.2f} %" if "val_top1" in record else "")
             + (f", {record['skipped_images']} images skipped" if record["skipped_images"] else "")
         )
-        path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, True, runner, log,
-                                class_names(train_set))
+        path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, True, runner, log, classes)
         stop_code = stop_requested(cfg, ctx, stopper, progress)
         if stop_code and not (last and phase.name == "fine_tune"):
             raise StopRequested(stop_code, path)

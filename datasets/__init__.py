@@ -60,6 +60,11 @@ def check_classes(root: Path) -> list[str]:
     return train
 
 
+def some_names(names: list[str], shown: int = 5) -> str:
+    """The first `shown` names, comma-separated, with " ..." where more were left out (messages)."""
+    return ", ".join(names[:shown]) + (" ..." if len(names) > shown else "")
+
+
 def classes_for_model(root: Path, split: str, known: list[str] | None, outputs: int) -> list[str]:
     """The class names that give a trained model's split its labels, by output index.
 
@@ -74,13 +79,13 @@ def classes_for_model(root: Path, split: str, known: list[str] | None, outputs: 
         strange = sorted(set(found) - set(known))
         if strange:
             raise DataError(f"{len(strange)} class folder(s) under {folder} are not among the {len(known)} classes "
-                            f"the model was trained on: {', '.join(strange[:5])}{' ...' if len(strange) > 5 else ''} "
+                            f"the model was trained on: {some_names(strange)} "
                             f"(its classes include {', '.join(known[:5])}): validate on the kind of data it was "
                             f"trained on")
         if split == "train" and found != known:
             missing = sorted(set(known) - set(found))
             raise DataError(f"fine-tuning needs every class the model was trained on; {folder} lacks "
-                            f"{len(missing)}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+                            f"{len(missing)}: {some_names(missing)}")
         return known
     if (root / "train").is_dir():
         return check_classes(root)
@@ -131,7 +136,7 @@ def open_split(
         empty = [name for label, name in enumerate(classes) if label not in found]
         if empty:
             raise DataError(f"{len(empty)} class folder(s) under {dataset.root} hold no image files: "
-                            f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
+                            f"{some_names(empty)}")
     return dataset
 
 
@@ -284,6 +289,7 @@ __all__ = [
     "batch_bytes",
     "check_classes",
     "classes_for_model",
+    "some_names",
     "check_shared_memory",
     "collate_skipping",
     "data_root",

@@ -47,7 +47,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor
         raise CheckpointError(f"weights file {path} is truncated or corrupt: {error}") from None
 
 
-def load_weights(path: str | Path, weights: str = "raw") -> tuple[TrainConfig, dict[str, torch.Tensor], list[str] | None]:
+def load_weights(path: str | Path,
+                 weights: str = "raw") -> tuple[TrainConfig, dict[str, torch.Tensor], list[str] | None]:
     """The run's config, one set of its weights (`raw`, `ema` or `averaged`) as a state dict, and
     the names of the class folders it was trained on, by output index (None for generated data, and
     for files written before the names were saved)."""
@@ -64,7 +65,7 @@ def load_weights(path: str | Path, weights: str = "raw") -> tuple[TrainConfig, d
         try:
             classes = json.loads(metadata["classes"]) if "classes" in metadata else None
         except json.JSONDecodeError:
-            classes = False  # refused below
+            raise CheckpointError(f"{path}: its class names are not a list of names") from None
         return from_dict(json.loads(metadata["config"]), f"config in {path}"), state, checked_classes(classes, path)
     state = load_checkpoint(path)
     cfg = from_dict(state["config"], f"config saved in {path}")
