@@ -319,13 +319,16 @@ def mark_best_and_pareto(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'checkpoint':<40} {'res':>5} {'top-1 %':>8} {'top-5 %':>8} {'loss':>7} {'img/s':>9} " \
+    """The sweep as a terminal table; the first column is as wide as the longest file name, whole."""
+    names = [Path(row["checkpoint"]).name for row in rows]
+    width = max([len("checkpoint"), *map(len, names)])
+    header = f"{'checkpoint':<{width}} {'res':>5} {'top-1 %':>8} {'top-5 %':>8} {'loss':>7} {'img/s':>9} " \
              f"{'GMACs':>8} {'MB/img':>8}  marks"
     lines = [header, "-" * len(header)]
-    for row in rows:
+    for name, row in zip(names, rows):
         marks = " ".join(m for m, on in (("best", row["best"]), ("pareto", row["pareto"])) if on)
         lines.append(
-            f"{Path(row['checkpoint']).name[-40:]:<40} {row['resolution']:>5} {row['top1']:>8.2f} {row['top5']:>8.2f} "
+            f"{name:<{width}} {row['resolution']:>5} {row['top1']:>8.2f} {row['top5']:>8.2f} "
             f"{row['loss']:>7.4f} {row['images_per_s']:>9.1f} {row['gmacs']:>8.4f} "
             f"{row['peak_memory_mb_per_image']:>8.2f}  {marks}"
         )

@@ -188,6 +188,16 @@ def test_pareto_marks() -> None:
     assert [r["best"] for r in rows] == [False, False, False, True]
 
 
+def test_the_table_shows_long_checkpoint_names_whole() -> None:
+    names = ["runs/x/checkpoint-000000018-fine_tune-epoch0001.pt", "runs/x/model.safetensors"]
+    rows = [dict(checkpoint=name, resolution=64, top1=50.0, top5=90.0, loss=1.0, images_per_s=10.0, gmacs=0.1,
+                 peak_memory_mb_per_image=1.0, best=True, pareto=False) for name in names]
+    lines = run_validate.format_table(rows).splitlines()
+    assert lines[2].split()[0] == "checkpoint-000000018-fine_tune-epoch0001.pt"
+    assert lines[3].split()[0] == "model.safetensors"
+    assert len({line.index(" 64 ") for line in lines[2:]}) == 1  # the columns line up
+
+
 class _Recorder(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
