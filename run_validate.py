@@ -2,6 +2,8 @@
 
     python run_validate.py --checkpoint runs/demo-.../checkpoint-...pt --resolution-range 16:64:8 --plot sweep.png
     python run_validate.py --checkpoint runs/demo-...            # every checkpoint of a run folder
+    python run_validate.py --checkpoint efficientnet_b0.pth --config efficientnet-b0-g1-bn \
+        --data imagenet --data-path /data/imagenet          # torchvision's or timm's ImageNet weights
 
 For each resolution: top-1, top-5, loss, inference images/s (eval mode, no autograd, warm-up
 excluded, median over batches, the same batch size everywhere), GMACs per image and peak memory.
@@ -29,13 +31,17 @@ from training.checkpoint import CheckpointError, WriteError, atomic_write, list_
 from training.config import (
     MIN_RESOLUTION,
     ConfigError,
+    TrainConfig,
     check_config,
+    meta_model,
+    named_config,
     native_resolution,
     parse_dataclass,
 )
 from training.data import open_dataset, set_preprocessing
 from training.evaluate import autocast_context, evaluate
 from training.host_memory import retain_freed_memory
+from training.initial_weights import OWN_KINDS, classifier_outputs, fit_initial_weights, read_initial_weights
 from training.measure import inference_throughput, peak_memory_bytes
 from training.out_of_memory import allocation_failed, is_out_of_memory
 from training.results import check_writable, write_csv, write_json
@@ -47,6 +53,7 @@ class ValidateConfig:
     """What to sweep and how."""
 
     checkpoint: str = ""  # a checkpoint (.pt), exported weights (.safetensors), or a run folder
+    config: str | None = None  # for weights without a config of their own (torchvision's or timm's EfficientNet file, a plain state dict): the config of their model, e.g. efficientnet-b0-g1-bn
     resolutions: str | None = None  # comma-separated test resolutions, e.g. 160,192,224
     resolution_range: str | None = None  # START:STOP:STEP, STOP included, e.g. 128:320:32
     crop_pct: float | None = None  # None: the checkpoint's
@@ -92,7 +99,7 @@ def validate(argv: list[str] | None) -> int:
         check_args(args)
         if args.retain_host_memory:
             retain_freed_memory()
-        sources = check_sources(find_sources(Path(args.checkpoint)), args.weights)
+        sources = check_sources(find_sources(Path(args.checkpoint)), args)
         prefix = output_prefix(args.output_prefix, sources[0])
         for target in [Path(f"{prefix}.csv")] + ([Path(args.plot)] if args.plot else []):
             check_writable(target, "--output-prefix / --plot")  # before the sweep, which a failed write at the end would lose
@@ -199,15 +206,57 @@ def find_sources(path: Path) -> list[Path]:
     return [path]
 
 
-def check_sources(sources: list[Path], weights: str) -> list[Path]:
+def load_source(source: Path, args: ValidateConfig) -> tuple[TrainConfig, dict, list[str] | None]:
+    """(config, weights, class names) of one file. This application's files carry their config;
+    others (torchvision's or timm's ImageNet weights for a G1-BN model, a plain state dict) are
+    given one with --config, and carry no class names: their classes are the validation folder's,
+    in sorted order, as torchvision's ImageFolder numbers them."""
+    if args.config is None:
+        try:
+            return load_weights(source, args.weights)
+        except CheckpointError:
+            foreign = _foreign_weights(source)
+            if foreign is None:
+                raise
+            raise ConfigError(f"{source} holds {foreign.kind}, with no config of its own: give --config NAME "
+                              f"for its model (torchvision's or timm's efficientnet_b0 … b7: efficientnet-b0-g1-bn "
+                              f"… efficientnet-b7-g1-bn)") from None
+    weights = read_initial_weights(source, "--checkpoint")
+    if weights.kind in OWN_KINDS:
+        raise ConfigError(f"--config is for weights without a config of their own; {source} ({weights.kind}) "
+                          f"carries its config: leave --config out")
+    if args.weights != "raw":
+        raise MissingWeights(f"--weights {args.weights}: {source} ({weights.kind}) holds one set of weights; "
+                             f"use --weights raw", ["raw"])
+    cfg = named_config(args.config)
+    classes = classifier_outputs(weights)
+    if classes is None:
+        raise ConfigError(f"--checkpoint {source} ({weights.kind}): no classifier weights found: not weights of "
+                          f"an EfficientNet of this family")
+    state, _ = fit_initial_weights(meta_model(dataclasses.replace(cfg, num_classes=classes)), weights,
+                                   "--checkpoint")
+    return cfg, state, None
+
+
+def _foreign_weights(source: Path):
+    """The file as weights that carry no config of this application's (None if it is not that)."""
+    try:
+        weights = read_initial_weights(source, "--checkpoint")
+    except ConfigError:
+        return None
+    return None if weights.kind in OWN_KINDS else weights
+
+
+def check_sources(sources: list[Path], args: ValidateConfig) -> list[Path]:
     """The sources that load and hold the weights asked for, checked before the sweep, which would
     otherwise stop at a bad file after validating the ones before it. Of a run folder's
     checkpoints, those without these weights (a fine-tune phase keeps no averages) are left out,
     with a note; any other problem stops the run here."""
+    weights = args.weights
     usable = []
     for source in sources:
         try:
-            load_weights(source, weights)
+            load_source(source, args)
         except MissingWeights as error:
             if len(sources) == 1:
                 raise
@@ -227,7 +276,7 @@ def check_sources(sources: list[Path], weights: str) -> list[Path]:
 def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, rows: list[dict]) -> None:
     """Appends one row per test resolution of `source` to `rows` as each is measured, so that the
     points done survive a failure at a later one."""
-    cfg, state, classes = load_weights(source, args.weights)
+    cfg, state, classes = load_source(source, args)
     overrides = {name: getattr(args, name) for name in ("data", "data_path", "workers", "precision", "channels_last",
                                                         "crop_pct") if getattr(args, name) is not None}
     if (args.data or cfg.data) != "imagenet" and args.data_path is None:

@@ -397,3 +397,61 @@ def test_output_prefix_that_names_a_folder_puts_the_files_inside_it(tmp_path: Pa
                      "--output-prefix", f"{tmp_path / 'made'}/")
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "made").glob("sweep-*.csv"))) == 1 and not (tmp_path / "made.csv").exists()
+
+
+def test_torchvision_weights_sweep_with_the_config_of_their_model(tmp_path: Path, capsys) -> None:
+    """torchvision's EfficientNet weights carry no config: --config names their model (G1-BN), and
+    the sweep scores them as torchvision's own model scores the same images."""
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = torchvision.models.efficientnet_b0(num_classes=10)
+    with torch.no_grad():  # weights that tell the images apart, and BatchNorm statistics of their own
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.8, 1.6)
+                module.bias.normal_(0, 0.2)
+        reference.classifier[1].weight.mul_(50)
+    weights = tmp_path / "efficientnet_b0.pth"
+    torch.save(reference.state_dict(), weights)
+    shutil.copytree(DEMO_ROOT / "validation", tmp_path / "data" / "val")
+
+    resolution, crop_pct = 32, 0.875  # the config's crop
+    transform = eval_transform(resolution, crop_pct)
+    images, labels = [], []
+    for label, name in enumerate(sorted(path.name for path in (tmp_path / "data" / "val").iterdir())):
+        for path in sorted((tmp_path / "data" / "val" / name).iterdir()):
+            images.append(transform(load_image(str(path))))
+            labels.append(label)
+    with torch.no_grad():
+        logits = reference.eval()(torch.stack(images))
+    labels = torch.tensor(labels)
+    expected_top1 = 100.0 * float((logits.argmax(1) == labels).float().mean())
+    expected_loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    assert abs(expected_loss - torch.log(torch.tensor(10.0)).item()) > 0.05  # not a model that outputs a constant
+
+    prefix = tmp_path / "sweep"
+    common = ["--checkpoint", str(weights), "--data", "imagenet", "--data-path", str(tmp_path / "data"),
+              "--resolutions", str(resolution), "--precision", "fp32", "--progress", "false", "--timed-batches", "1",
+              "--workers", "0", "--output-prefix", str(prefix)]
+    assert run_validate.main([*common, "--config", "efficientnet-b0-g1-bn"]) == 0
+    row = _rows(prefix)[0]
+    assert row["images"] == len(labels) and row["crop_pct"] == crop_pct
+    assert row["top1"] == pytest.approx(expected_top1) and row["loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+    # without --config: what to give; with another variant's config, or --weights ema: refused
+    for extra, needle in [([], "holds torchvision's weights, with no config of its own: give --config NAME"),
+                          (["--config", "efficientnet-b0-g16-lnpn"], "only a G1-BN model"),
+                          (["--config", "efficientnet-b2-g1-bn"], "of the same size takes them"),
+                          (["--config", "efficientnet-b0-g1-bn", "--weights", "ema"], "holds one set of weights")]:
+        code, stderr = run_main(run_validate.main, [*common, *extra], capsys)
+        assert code == 2 and needle in stderr, (extra, stderr)
+
+
+def test_config_is_refused_for_files_that_carry_their_own(trained_run: Path, capsys) -> None:
+    for source in (trained_run, trained_run / "model.safetensors"):
+        code, stderr = run_main(run_validate.main, ["--checkpoint", str(source), "--config", "demo",
+                                                    "--progress", "false"], capsys)
+        assert code == 2 and "carries its config: leave --config out" in stderr, stderr

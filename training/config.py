@@ -459,6 +459,13 @@ def from_dict(values: dict[str, object], source: str) -> TrainConfig:
 # ---------------------------------------------------------------------------- command line
 
 
+def named_config(name: str) -> TrainConfig:
+    """`--config`'s value as a config: a name in configs.yml, or a YAML file (.yaml, .yml)."""
+    if name.endswith((".yaml", ".yml")):
+        return config_from_file(Path(name).expanduser())
+    return make_config(resolve_config(name), f"config {name!r}")
+
+
 def parse_args(argv: list[str] | None, description: str = "") -> TrainConfig:
     """Parse `argv` on top of `--config NAME`'s values. Raises ConfigError for user errors."""
     import argparse
@@ -471,12 +478,7 @@ def parse_args(argv: list[str] | None, description: str = "") -> TrainConfig:
     if known.list_configs:
         print("\n".join(config_names()))
         raise SystemExit(0)
-    if known.config is None:
-        defaults = TrainConfig()
-    elif known.config.endswith((".yaml", ".yml")):
-        defaults = config_from_file(Path(known.config).expanduser())
-    else:
-        defaults = make_config(resolve_config(known.config), f"config {known.config!r}")
+    defaults = TrainConfig() if known.config is None else named_config(known.config)
     extra = [(("--list-configs",), dict(action="store_true", help="print the names in configs.yml and exit"))]
     cfg = parse_dataclass(argv, TrainConfig, defaults, description, extra)
     # a file's config is known by the name inside it (or its stem): run folders are named after it

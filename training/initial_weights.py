@@ -37,48 +37,59 @@ class InitialWeights:
     library: str = ""
 
 
-def read_initial_weights(path: str | Path) -> InitialWeights:
-    """The file's weights, loaded with weights_only=True (or from safetensors, which hold no code)."""
+# kinds of file that carry their own config (the others need one given)
+OWN_KINDS = ("a run's exported weights", "a checkpoint's raw weights")
+
+
+def read_initial_weights(path: str | Path, option: str = "--initial-weights") -> InitialWeights:
+    """The file's weights, loaded with weights_only=True (or from safetensors, which hold no code).
+    `option`: the command-line option that named the file, for the error messages."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
             metadata, loaded = read_safetensors(path)
             if "config" in metadata:
-                return InitialWeights(path, loaded, "a run's exported weights")
+                return InitialWeights(path, loaded, OWN_KINDS[0])
         else:
             loaded = load_torch_file(path, "weights file")
     except CheckpointError as error:
-        raise ConfigError(f"--initial-weights: {error}") from None
+        raise ConfigError(f"{option}: {error}") from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping) and "config" in loaded:
-        return InitialWeights(path, dict(loaded["model"]), "a checkpoint's raw weights")
+        return InitialWeights(path, dict(loaded["model"]), OWN_KINDS[1])
     if isinstance(loaded, Mapping) and loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
         library = external_layout(loaded)
         if library:
             return InitialWeights(path, dict(loaded), f"{library}'s weights", library)
         return InitialWeights(path, dict(loaded), "a state dict")
-    raise ConfigError(f"--initial-weights {path} holds a {type(loaded).__name__}, not weights: give a run's "
+    raise ConfigError(f"{option} {path} holds a {type(loaded).__name__}, not weights: give a run's "
                       f"model.safetensors or checkpoint, or torchvision's or timm's EfficientNet file")
 
 
-def fit_initial_weights(model: nn.Module, weights: InitialWeights) -> tuple[dict[str, torch.Tensor], str]:
+def classifier_outputs(weights: InitialWeights) -> int | None:
+    """The number of classes the file's classifier has (None where it has no classifier we know)."""
+    classifier = weights.state.get(LAYOUTS[weights.library][1] if weights.library else "classifier.1.weight")
+    return classifier.shape[0] if isinstance(classifier, torch.Tensor) and classifier.dim() == 2 else None
+
+
+def fit_initial_weights(model: nn.Module, weights: InitialWeights,
+                        option: str = "--initial-weights") -> tuple[dict[str, torch.Tensor], str]:
     """The file's weights as `model`'s state dict, and a line saying what was loaded. `model` may
     be on the meta device: the check made before any work."""
     state, kind, path = weights.state, weights.kind, weights.path
     own = model.state_dict()
     classes = own["classifier.1.weight"].shape[0]
-    classifier = state.get(LAYOUTS[weights.library][1] if weights.library else "classifier.1.weight")
-    their_classes = classifier.shape[0] if isinstance(classifier, torch.Tensor) and classifier.dim() == 2 else None
+    their_classes = classifier_outputs(weights)
     fresh_classifier = their_classes is not None and their_classes != classes
     if weights.library:
         try:
             state = external_to_ours(model, state, weights.library, classifier=not fresh_classifier)
         except ExternalWeightsError as error:
-            raise ConfigError(f"--initial-weights {path}: {error}") from None
+            raise ConfigError(f"{option} {path}: {error}") from None
     missing = [name for name in own if name not in state]
     unexpected = [name for name in state if name not in own]
     if missing or unexpected:
         raise ConfigError(
-            f"--initial-weights {path} ({kind}) does not fit this config's model: "
+            f"{option} {path} ({kind}) does not fit this config's model: "
             f"{len(missing)} of its tensors missing (first: {missing[:1]}), {len(unexpected)} unknown "
             f"(first: {unexpected[:1]}); weights of another model or variant?")
     fitted = {}
@@ -86,7 +97,7 @@ def fit_initial_weights(model: nn.Module, weights: InitialWeights) -> tuple[dict
         if name.startswith("classifier.") and fresh_classifier:
             fitted[name] = mine
         elif state[name].shape != mine.shape:
-            raise ConfigError(f"--initial-weights {path} ({kind}): its {name} {tuple(state[name].shape)} does not fit "
+            raise ConfigError(f"{option} {path} ({kind}): its {name} {tuple(state[name].shape)} does not fit "
                               f"the model's {tuple(mine.shape)}; weights of another model size or variant?")
         else:
             fitted[name] = state[name].to(mine.dtype)
