@@ -304,7 +304,7 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     # ---- data (the class list decides the classifier size)
     native = native_resolution(cfg)
     val_set = open_dataset(cfg, "validation", native)
-    set_preprocessing(val_set, native, eval_transform(native, cfg.crop_pct))
+    set_preprocessing(val_set, native, eval_transform(native, cfg.crop_pct, cfg.interpolation))
     num_classes = cfg.num_classes or len(val_set.classes)
     if num_classes < len(val_set.classes):  # the labels of the last folders would be out of the classifier's range
         raise ConfigError(f"--num-classes {num_classes} is fewer than the {len(val_set.classes)} classes of the data: "
@@ -749,7 +749,7 @@ def set_phase_preprocessing(train_set, cfg: TrainConfig, phase: Phase) -> None:
     output's pixels); for fine-tuning, the validation images' preprocessing at the test resolution,
     full decode included, so that it trains on exactly what will be tested."""
     if phase.test_preprocessing:
-        set_preprocessing(train_set, phase.resolution, eval_transform(phase.resolution, cfg.crop_pct))
+        set_preprocessing(train_set, phase.resolution, eval_transform(phase.resolution, cfg.crop_pct, cfg.interpolation))
     else:
         set_preprocessing(train_set, phase.resolution,
                           train_transform(phase.resolution, cfg.min_crop_area, cfg.hflip, crop=False),

@@ -57,6 +57,7 @@ class ValidateConfig:
     resolutions: str | None = None  # comma-separated test resolutions, e.g. 160,192,224
     resolution_range: str | None = None  # START:STOP:STEP, STOP included, e.g. 128:320:32
     crop_pct: float | None = None  # None: the checkpoint's
+    interpolation: str | None = None  # test-time resize, bilinear | bicubic; None: the checkpoint's (bilinear for other weights)
     weights: str = "raw"  # raw | ema | averaged
     batch_size: int = 64  # for accuracy and for the images/s measurement
     warmup_batches: int = 3  # untimed batches before the images/s measurement
@@ -278,7 +279,7 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
     points done survive a failure at a later one."""
     cfg, state, classes = load_source(source, args)
     overrides = {name: getattr(args, name) for name in ("data", "data_path", "workers", "precision", "channels_last",
-                                                        "crop_pct") if getattr(args, name) is not None}
+                                                        "crop_pct", "interpolation") if getattr(args, name) is not None}
     if (args.data or cfg.data) != "imagenet" and args.data_path is None:
         overrides["data_path"] = None  # the checkpoint's ImageNet folder is not read for --data demo/generated
     cfg = dataclasses.replace(cfg, **overrides, device=args.device, replicas=1, pipeline_splits=[],
@@ -303,7 +304,7 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
                         f"validate on the kind of data the model was trained on")
     for resolution in resolutions:
         started = time.perf_counter()
-        set_preprocessing(val_set, resolution, eval_transform(resolution, cfg.crop_pct))
+        set_preprocessing(val_set, resolution, eval_transform(resolution, cfg.crop_pct, cfg.interpolation))
         loader = make_loader(val_set, args.batch_size, SeededSampler(len(val_set), cfg.seed, shuffle=False),
                              cfg.workers, device=device)
         tested = model
@@ -322,6 +323,7 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
                                    device)
         row = dict(
             checkpoint=str(source), weights=args.weights, resolution=resolution, crop_pct=cfg.crop_pct,
+            interpolation=cfg.interpolation,
             fine_tune_epochs=args.fine_tune_epochs, top1=result["top1"], top5=result["top5"], loss=result["loss"],
             images=result["images"], skipped=result["skipped"], images_per_s=speed["images_per_s"],
             batch_size=args.batch_size, gmacs=count_macs(tested, resolution) / 1e9,

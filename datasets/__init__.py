@@ -25,7 +25,7 @@ from .generated import GeneratedDataset
 from .image_folder import DataError, ImageFolderDataset, Skipped, find_classes, load_image
 from .sampler import SeededSampler
 from .shared_memory import batch_bytes, check_shared_memory
-from .transforms import RandomCropDecoder, eval_resize_size, eval_transform, train_transform
+from .transforms import INTERPOLATIONS, RandomCropDecoder, eval_resize_size, eval_transform, train_transform
 
 DEMO_ROOT = Path(__file__).resolve().parent / "demo_data"
 DATA_KINDS = ("imagenet", "generated", "demo")
@@ -282,6 +282,7 @@ __all__ = [
     "DEMO_ROOT",
     "DataError",
     "GeneratedDataset",
+    "INTERPOLATIONS",
     "ImageFolderDataset",
     "RandomCropDecoder",
     "SeededSampler",

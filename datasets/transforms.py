@@ -16,6 +16,7 @@ from .image_folder import draft_jpeg, open_image, to_rgb
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratios of the Inception crop
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
 
 
 def eval_resize_size(resolution: int, crop_pct: float) -> int:
@@ -65,12 +66,16 @@ class RandomCropDecoder:
                                         box=tuple(value / scale for value in box))
 
 
-def eval_transform(resolution: int, crop_pct: float = 0.875) -> v2.Compose:
+def eval_transform(resolution: int, crop_pct: float = 0.875, interpolation: str = "bilinear") -> v2.Compose:
+    """Resize the short side to res / crop_pct, centre-crop, normalise. `interpolation`: bilinear as
+    in training, or bicubic, as torchvision and timm score their ImageNet weights. A PIL image is
+    resized and cropped as PIL does it, before it becomes a tensor, as torchvision's and timm's
+    evaluation transforms do (a tensor's resize rounds some pixels one level apart)."""
     return v2.Compose(
         [
-            v2.ToImage(),
-            v2.Resize(eval_resize_size(resolution, crop_pct), antialias=True),
+            v2.Resize(eval_resize_size(resolution, crop_pct), INTERPOLATIONS[interpolation], antialias=True),
             v2.CenterCrop(resolution),
+            v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]

@@ -401,51 +401,59 @@ def test_output_prefix_that_names_a_folder_puts_the_files_inside_it(tmp_path: Pa
 
 def test_torchvision_weights_sweep_with_the_config_of_their_model(tmp_path: Path, capsys) -> None:
     """torchvision's EfficientNet weights carry no config: --config names their model (G1-BN), and
-    the sweep scores them as torchvision's own model scores the same images."""
+    the sweep scores them as torchvision's own model does, on images prepared by torchvision's own
+    preset for those weights (bicubic, as it scores them; or bilinear, as training here resizes)."""
     import torchvision
+    from torchvision.transforms import InterpolationMode
+
+    shutil.copytree(DEMO_ROOT / "validation", tmp_path / "data" / "val")
+    files = [(label, path) for label, name in enumerate(sorted(p.name for p in (tmp_path / "data" / "val").iterdir()))
+             for path in sorted((tmp_path / "data" / "val" / name).iterdir())]
+    labels = torch.tensor([label for label, _ in files])
+
+    def prepared(interpolation: InterpolationMode) -> torch.Tensor:
+        """The images as torchvision's preset for these weights prepares them, at 32 px from the
+        short side resized to 36 (the config's crop, 0.875, as 224 from 256)."""
+        preset = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.transforms(
+            crop_size=32, resize_size=36, interpolation=interpolation)
+        return torch.stack([preset(load_image(str(path))) for _, path in files])
 
     torch.manual_seed(0)
     reference = torchvision.models.efficientnet_b0(num_classes=10)
-    with torch.no_grad():  # weights that tell the images apart, and BatchNorm statistics of their own
+    with torch.no_grad():  # BatchNorm statistics measured on the images, so that the outputs depend on them
         for module in reference.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.8, 1.6)
-                module.bias.normal_(0, 0.2)
-        reference.classifier[1].weight.mul_(50)
+                module.momentum = None  # a plain average
+                module.reset_running_stats()
+        reference.train()(prepared(InterpolationMode.BICUBIC))
     weights = tmp_path / "efficientnet_b0.pth"
     torch.save(reference.state_dict(), weights)
-    shutil.copytree(DEMO_ROOT / "validation", tmp_path / "data" / "val")
-
-    resolution, crop_pct = 32, 0.875  # the config's crop
-    transform = eval_transform(resolution, crop_pct)
-    images, labels = [], []
-    for label, name in enumerate(sorted(path.name for path in (tmp_path / "data" / "val").iterdir())):
-        for path in sorted((tmp_path / "data" / "val" / name).iterdir()):
-            images.append(transform(load_image(str(path))))
-            labels.append(label)
-    with torch.no_grad():
-        logits = reference.eval()(torch.stack(images))
-    labels = torch.tensor(labels)
-    expected_top1 = 100.0 * float((logits.argmax(1) == labels).float().mean())
-    expected_loss = float(torch.nn.functional.cross_entropy(logits, labels))
-    assert abs(expected_loss - torch.log(torch.tensor(10.0)).item()) > 0.05  # not a model that outputs a constant
 
     prefix = tmp_path / "sweep"
     common = ["--checkpoint", str(weights), "--data", "imagenet", "--data-path", str(tmp_path / "data"),
-              "--resolutions", str(resolution), "--precision", "fp32", "--progress", "false", "--timed-batches", "1",
+              "--resolutions", "32", "--precision", "fp32", "--progress", "false", "--timed-batches", "1",
               "--workers", "0", "--output-prefix", str(prefix)]
-    assert run_validate.main([*common, "--config", "efficientnet-b0-g1-bn"]) == 0
-    row = _rows(prefix)[0]
-    assert row["images"] == len(labels) and row["crop_pct"] == crop_pct
-    assert row["top1"] == pytest.approx(expected_top1) and row["loss"] == pytest.approx(expected_loss, rel=1e-4)
+    losses = []
+    for interpolation, mode in (("bicubic", InterpolationMode.BICUBIC), ("bilinear", InterpolationMode.BILINEAR)):
+        with torch.no_grad():
+            logits = reference.eval()(prepared(mode))
+        assert logits.std(0).min() > 0.1  # outputs that differ from image to image
+        expected_top1 = 100.0 * float((logits.argmax(1) == labels).float().mean())
+        losses.append(float(torch.nn.functional.cross_entropy(logits, labels)))
 
-    # without --config: what to give; with another variant's config, or --weights ema: refused
+        assert run_validate.main([*common, "--config", "efficientnet-b0-g1-bn", "--interpolation", interpolation]) == 0
+        row = _rows(prefix)[0]
+        assert row["images"] == len(labels) and row["interpolation"] == interpolation
+        assert row["top1"] == pytest.approx(expected_top1) and row["loss"] == pytest.approx(losses[-1], rel=1e-4)
+    assert abs(losses[0] - losses[1]) > 1e-3  # the two resizes differ enough for the check to tell them apart
+
+    # without --config: what to give; with another variant's config, --weights ema or a bad resize: refused
     for extra, needle in [([], "holds torchvision's weights, with no config of its own: give --config NAME"),
                           (["--config", "efficientnet-b0-g16-lnpn"], "only a G1-BN model"),
                           (["--config", "efficientnet-b2-g1-bn"], "of the same size takes them"),
-                          (["--config", "efficientnet-b0-g1-bn", "--weights", "ema"], "holds one set of weights")]:
+                          (["--config", "efficientnet-b0-g1-bn", "--weights", "ema"], "holds one set of weights"),
+                          (["--config", "efficientnet-b0-g1-bn", "--interpolation", "cubic"],
+                           "--interpolation must be bilinear or bicubic, got 'cubic'")]:
         code, stderr = run_main(run_validate.main, [*common, *extra], capsys)
         assert code == 2 and needle in stderr, (extra, stderr)
 

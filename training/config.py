@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from datasets import INTERPOLATIONS
 from models import FAMILY, create_model
 
 CONFIGS_FILE = Path(__file__).resolve().parent.parent / "configs.yml"
@@ -59,6 +60,7 @@ class TrainConfig:
     half_resolution: int | None = None  # None: the paper's for the model, scaled as --resolution is
     train_resolution: int | None = None  # train at this resolution (overrides the above)
     crop_pct: float = 0.875  # test-time centre crop fraction (short side = res / crop_pct)
+    interpolation: str = "bilinear"  # test-time resize: bilinear | bicubic (as torchvision's and timm's ImageNet weights were scored)
     min_crop_area: float = 0.05  # smallest area of the random-resized crop
     hflip: float = 0.5  # horizontal flip probability
     workers: int = 4  # DataLoader worker processes
@@ -320,6 +322,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--cutmix-lambda must be in (0, 1] (1 = off), got {cfg.cutmix_lambda}")
     if not 0.0 < cfg.crop_pct <= 1.0:
         raise ConfigError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
+    if cfg.interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"--interpolation must be {' or '.join(INTERPOLATIONS)}, got {cfg.interpolation!r}")
     if not 0.0 < cfg.min_crop_area <= 1.0:
         raise ConfigError(f"--min-crop-area must be in (0, 1], got {cfg.min_crop_area}")
     for name in ("resolution", "half_resolution", "train_resolution"):

@@ -99,6 +99,6 @@ def model_from_weights(cfg: TrainConfig, state: dict[str, torch.Tensor], source:
 
 def load_trained_model(path: str | Path, weights: str = "raw") -> tuple[EfficientNet, TrainConfig]:
     """(model in eval mode on the CPU, its training config) from a checkpoint or exported weights.
-    The config says how to preprocess: `datasets.eval_transform(resolution, cfg.crop_pct)`."""
+    The config says how to preprocess: `datasets.eval_transform(resolution, cfg.crop_pct, cfg.interpolation)`."""
     cfg, state, _ = load_weights(path, weights)
     return model_from_weights(cfg, state, path), cfg
