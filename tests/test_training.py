@@ -326,6 +326,7 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path, capsys) -> Non
         (["--config", "demo", "--norm", "group", "--norm-groups", "7"], "cannot be built: norm_groups=7 does not divide"),
         (["--data", "imagenet", "--data-path", str(tmp_path / "missing")], "data path not found"),
         (["--config", "demo", "--data-path", str(tmp_path)], "--data-path is read only with --data imagenet"),
+        (["--config", "demo", "--interpolation", "nearest"], "--interpolation must be bilinear or bicubic"),
     ]
     for args, needle in cases:
         code, stderr = run_main(run_train.main, [*args, "--output-dir", str(tmp_path / "runs")], capsys)
