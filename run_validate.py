@@ -322,9 +322,8 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
         memory = peak_memory_bytes(partial(_forward, tested, args.batch_size, resolution, device, memory_format),
                                    device)
         row = dict(
-            checkpoint=str(source), weights=args.weights, resolution=resolution, crop_pct=cfg.crop_pct,
-            interpolation=cfg.interpolation,
-            fine_tune_epochs=args.fine_tune_epochs, top1=result["top1"], top5=result["top5"], loss=result["loss"],
+            checkpoint=str(source), config=cfg.config, weights=args.weights, resolution=resolution,
+            crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, fine_tune_epochs=args.fine_tune_epochs, top1=result["top1"], top5=result["top5"], loss=result["loss"],
             images=result["images"], skipped=result["skipped"], images_per_s=speed["images_per_s"],
             batch_size=args.batch_size, gmacs=count_macs(tested, resolution) / 1e9,
             peak_memory_mb_per_image=memory / 1e6 / args.batch_size, device=str(device),

@@ -444,6 +444,7 @@ def test_torchvision_weights_sweep_with_the_config_of_their_model(tmp_path: Path
         assert run_validate.main([*common, "--config", "efficientnet-b0-g1-bn", "--interpolation", interpolation]) == 0
         row = _rows(prefix)[0]
         assert row["images"] == len(labels) and row["interpolation"] == interpolation
+        assert row["config"] == "efficientnet-b0-g1-bn"
         assert row["top1"] == pytest.approx(expected_top1) and row["loss"] == pytest.approx(losses[-1], rel=1e-4)
     assert abs(losses[0] - losses[1]) > 1e-3  # the two resizes differ enough for the check to tell them apart
 
