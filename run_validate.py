@@ -2,7 +2,7 @@
 
     python run_validate.py --checkpoint runs/demo-.../checkpoint-...pt --resolution-range 16:64:8 --plot sweep.png
     python run_validate.py --checkpoint runs/demo-...            # every checkpoint of a run folder
-    python run_validate.py --checkpoint efficientnet_b0.pth --config efficientnet-b0-g1-bn \
+    python run_validate.py --checkpoint efficientnet_b0.pth --config efficientnet-b0-g1-bn \\
         --interpolation bicubic --data imagenet --data-path /data/imagenet   # torchvision's or timm's weights
 
 For each resolution: top-1, top-5, loss, inference images/s (eval mode, no autograd, warm-up
