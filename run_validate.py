@@ -323,7 +323,8 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
                                    device)
         row = dict(
             checkpoint=str(source), config=cfg.config, weights=args.weights, resolution=resolution,
-            crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, fine_tune_epochs=args.fine_tune_epochs, top1=result["top1"], top5=result["top5"], loss=result["loss"],
+            crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, fine_tune_epochs=args.fine_tune_epochs,
+            top1=result["top1"], top5=result["top5"], loss=result["loss"],
             images=result["images"], skipped=result["skipped"], images_per_s=speed["images_per_s"],
             batch_size=args.batch_size, gmacs=count_macs(tested, resolution) / 1e9,
             peak_memory_mb_per_image=memory / 1e6 / args.batch_size, device=str(device),
