@@ -749,7 +749,8 @@ def set_phase_preprocessing(train_set, cfg: TrainConfig, phase: Phase) -> None:
     output's pixels); for fine-tuning, the validation images' preprocessing at the test resolution,
     full decode included, so that it trains on exactly what will be tested."""
     if phase.test_preprocessing:
-        set_preprocessing(train_set, phase.resolution, eval_transform(phase.resolution, cfg.crop_pct, cfg.interpolation))
+        set_preprocessing(train_set, phase.resolution,
+                          eval_transform(phase.resolution, cfg.crop_pct, cfg.interpolation))
     else:
         set_preprocessing(train_set, phase.resolution,
                           train_transform(phase.resolution, cfg.min_crop_area, cfg.hflip, crop=False),
