@@ -261,17 +261,16 @@ def check_data_folder(cfg: TrainConfig, state: dict | None = None, state_path: P
     classes = check_classes(root)
     if state is None:
         return
+    remedy = f"resume on the same data, or start a new run from its weights with --initial-weights {state_path}"
     saved = state.get("classes")
     if saved is not None and classes != saved:
         added, gone = sorted(set(classes) - set(saved)), sorted(set(saved) - set(classes))
         raise DataError(f"the class folders under {root} are not those {state_path.name} was trained on "
-                        f"(new: {some_names(added) or 'none'}; gone: {some_names(gone) or 'none'}): resume on "
-                        f"the same data, or start a new run from its weights with --initial-weights {state_path}")
+                        f"(new: {some_names(added) or 'none'}; gone: {some_names(gone) or 'none'}): {remedy}")
     outputs = state["model"]["classifier.1.weight"].shape[0]
     if (cfg.num_classes or len(classes)) != outputs:
         raise DataError(f"{root} has {len(classes)} classes, but {state_path.name} was trained with {outputs} "
-                        f"outputs: resume on the same data, or start a new run from its weights with "
-                        f"--initial-weights {state_path}")
+                        f"outputs: {remedy}")
 
 
 def gpu_speed_hint(cfg: TrainConfig, device: torch.device) -> str | None:

@@ -230,11 +230,11 @@ def load_source(source: Path, args: ValidateConfig) -> tuple[TrainConfig, dict, 
         raise MissingWeights(f"--weights {args.weights}: {source} ({weights.kind}) holds one set of weights; "
                              f"use --weights raw", ["raw"])
     cfg = named_config(args.config)
-    classes = classifier_outputs(weights)
-    if classes is None:
+    outputs = classifier_outputs(weights)
+    if outputs is None:
         raise ConfigError(f"--checkpoint {source} ({weights.kind}): no classifier weights found: not weights of "
                           f"an EfficientNet of this family")
-    state, _ = fit_initial_weights(meta_model(dataclasses.replace(cfg, num_classes=classes)), weights,
+    state, _ = fit_initial_weights(meta_model(dataclasses.replace(cfg, num_classes=outputs)), weights,
                                    "--checkpoint")
     return cfg, state, None
 

@@ -80,7 +80,7 @@ def classes_for_model(root: Path, split: str, known: list[str] | None, outputs: 
         if strange:
             raise DataError(f"{len(strange)} class folder(s) under {folder} are not among the {len(known)} classes "
                             f"the model was trained on: {some_names(strange)} "
-                            f"(its classes include {', '.join(known[:5])}): validate on the kind of data it was "
+                            f"(its classes include {some_names(known)}): validate on the kind of data it was "
                             f"trained on")
         if split == "train" and found != known:
             missing = sorted(set(known) - set(found))

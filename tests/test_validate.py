@@ -47,6 +47,12 @@ def _rows(prefix: Path) -> list[dict]:
     return json.loads(Path(f"{prefix}.json").read_text())
 
 
+def _top1_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """The reference scores, computed here from a model's logits, for comparison with a sweep's row."""
+    top1 = 100.0 * float((logits.argmax(1) == labels).float().mean())
+    return top1, float(torch.nn.functional.cross_entropy(logits, labels))
+
+
 def test_sweep_matches_single_resolution_evaluations(trained_run: Path, tmp_path: Path) -> None:
     checkpoint = str(list_checkpoints(trained_run)[-1])
     common = ["--checkpoint", checkpoint, "--progress", "false", "--timed-batches", "2", "--warmup-batches", "1"]
@@ -294,8 +300,7 @@ def test_a_validation_folder_alone_is_labelled_by_the_class_names_saved_with_the
     with torch.no_grad():
         logits = model(torch.stack(images))
     labels = torch.tensor(labels)
-    expected_top1 = 100.0 * float((logits.argmax(1) == labels).float().mean())
-    expected_loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    expected_top1, expected_loss = _top1_and_loss(logits, labels)
 
     prefix = tmp_path / "sweep"
     common = ["--checkpoint", str(weights), "--data", "imagenet", "--progress", "false", "--timed-batches", "1",
@@ -438,8 +443,8 @@ def test_torchvision_weights_sweep_with_the_config_of_their_model(tmp_path: Path
         with torch.no_grad():
             logits = reference.eval()(prepared(mode))
         assert logits.std(0).min() > 0.1  # outputs that differ from image to image
-        expected_top1 = 100.0 * float((logits.argmax(1) == labels).float().mean())
-        losses.append(float(torch.nn.functional.cross_entropy(logits, labels)))
+        expected_top1, expected_loss = _top1_and_loss(logits, labels)
+        losses.append(expected_loss)
 
         assert run_validate.main([*common, "--config", "efficientnet-b0-g1-bn", "--interpolation", interpolation]) == 0
         row = _rows(prefix)[0]
