@@ -17,7 +17,8 @@
 # in cuDNN's autotuner), a compiled row 70-125 s more; the tests step 113 s. On an H100 (later that
 # day) the tests step took 141 s and a compiled row 65-75 s; on a freshly started H100 (2026-11-27)
 # the tests needed over 183 s and a compiled B2 row 209 s; on freshly started H200s (later that day) a
-# compiled B2 G1-BN row 144 s, and G16-LN+PN's more than 234 s. Rows' img/s go to
+# compiled B2 G1-BN row 144 s, and G16-LN+PN's more than 234 s; with each row traced alone (C.13)
+# 116 s and 228 s, the step train_b2_cuda_graphs_bn 467 s in all. Rows' img/s go to
 # stderr as they are measured, so a step cut by its time limit still shows what finished.
 #
 # Compiles take most of a short lease; Inductor's cache carries them over to the next one. The
