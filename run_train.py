@@ -132,6 +132,15 @@ class Progress:
     step: int = 0  # optimizer steps in the whole run
     nonfinite_skipped: int = 0
 
+    def where(self) -> str:
+        """Where a resumed run picks up, in the 1-based epochs the logs print."""
+        phase = self.phase
+        if self.micro_batch:
+            return f"in {phase} epoch {self.epoch + 1}, {self.micro_batch} micro-batches into it, step {self.step}"
+        if self.epoch:
+            return f"after {phase} epoch {self.epoch}, step {self.step}"
+        return f"at the start of the {phase} phase, step {self.step}"
+
 
 def main(argv: list[str] | None = None) -> int:
     ctx = None
@@ -347,7 +356,7 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     progress = Progress()
     if state is not None:
         progress = Progress(**state["progress"])
-        ctx.print(f"resuming from {state_path} ({progress.phase} epoch {progress.epoch}, step {progress.step})")
+        ctx.print(f"resuming from {state_path} ({progress.where()})")
 
     validated = None  # (result, what it was) of the current weights, where this process validated them
     with SignalStopper(ctx.print) as stopper:

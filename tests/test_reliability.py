@@ -403,7 +403,9 @@ def test_resume_auto_falls_back_to_newest_good_checkpoint(tmp_path: Path) -> Non
     result = run_cli("run_train.py", *tiny_train_args(tmp_path, *LONG, "--run-name", "r", "--resume", "auto"))
     assert result.returncode == 0, result.stderr
     assert f"skipping unusable checkpoint: checkpoint {newest}" in result.stderr
-    assert "resuming from" in result.stderr and "step 3)" in result.stderr
+    # the epoch named as the logs name it (1-based), with how far into it the run had come
+    assert f"resuming from {newest.parent / 'checkpoint-000000003.pt'} (in train epoch 1, 3 micro-batches into it, step 3)" \
+        in result.stderr
 
 
 # ---------------------------------------------------------------------------- no code execution from files
