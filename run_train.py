@@ -593,11 +593,12 @@ def run_phase(cfg, ctx, phase: Phase, model, runner, scaler, train_set, val_load
             train_mode(model, phase.frozen)
         if log is not None:
             log.log(record)
+        skipped = record["skipped_images"]
         ctx.print(
             f"{phase.name} epoch {progress.epoch}/{phase.epochs}: loss {record['train_loss']:.4f}, "
             f"train top-1 {record['train_top1']:.2f} %, {record['images_per_s']:.1f} img/s"
             + (f", val top-1 {record['val_top1']:.2f} % top-5 {record['val_top5']:.2f} %" if "val_top1" in record else "")
-            + (f", {record['skipped_images']} images skipped" if record["skipped_images"] else "")
+            + (f", {skipped} image{'' if skipped == 1 else 's'} skipped" if skipped else "")
         )
         path = write_checkpoint(cfg, ctx, run_dir, model, phase, scaler, progress, True, runner, log, classes)
         stop_code = stop_requested(cfg, ctx, stopper, progress)

@@ -701,7 +701,10 @@ def test_messy_image_folder_trains_and_reports_corrupt_file(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert "corrupt.jpg" in result.stderr and "Traceback" not in result.stderr
     records = [json.loads(line) for line in (tmp_path / "runs" / "m" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(r.get("skipped_images", 0) for r in records if r["event"] == "epoch") >= 1
+    skipped = [r["skipped_images"] for r in records if r["event"] == "epoch" and r.get("skipped_images")]
+    assert sum(skipped) >= 1
+    for count in skipped:  # each epoch's line says how many, in the singular for one
+        assert f", {count} image{'' if count == 1 else 's'} skipped" in result.stderr
     # the run's ImageNet folder stays in its config; validating on other data must not need it
     other = run_cli("run_validate.py", "--checkpoint", str(tmp_path / "runs" / "m"), "--data", "generated",
                     "--resolutions", "32", "--output-prefix", str(tmp_path / "sweep"))
