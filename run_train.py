@@ -134,9 +134,9 @@ class Progress:
 
     def where(self) -> str:
         """Where a resumed run picks up, in the 1-based epochs the logs print."""
-        phase = self.phase
-        if self.micro_batch:
-            return f"in {phase} epoch {self.epoch + 1}, {self.micro_batch} micro-batches into it, step {self.step}"
+        phase, done = self.phase, self.micro_batch
+        if done:
+            return f"in {phase} epoch {self.epoch + 1}, {done} micro-batch{'' if done == 1 else 'es'} into it, step {self.step}"
         if self.epoch:
             return f"after {phase} epoch {self.epoch}, step {self.step}"
         return f"at the start of the {phase} phase, step {self.step}"
