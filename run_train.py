@@ -136,7 +136,8 @@ class Progress:
         """Where a resumed run picks up, in the 1-based epochs the logs print."""
         phase, done = self.phase, self.micro_batch
         if done:
-            return f"in {phase} epoch {self.epoch + 1}, {done} micro-batch{'' if done == 1 else 'es'} into it, step {self.step}"
+            micro_batches = f"{done} micro-batch{'' if done == 1 else 'es'}"
+            return f"in {phase} epoch {self.epoch + 1}, {micro_batches} into it, step {self.step}"
         if self.epoch:
             return f"after {phase} epoch {self.epoch}, step {self.step}"
         return f"at the start of the {phase} phase, step {self.step}"

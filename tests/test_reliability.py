@@ -404,8 +404,8 @@ def test_resume_auto_falls_back_to_newest_good_checkpoint(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     assert f"skipping unusable checkpoint: checkpoint {newest}" in result.stderr
     # the epoch named as the logs name it (1-based), with how far into it the run had come
-    assert f"resuming from {newest.parent / 'checkpoint-000000003.pt'} (in train epoch 1, 3 micro-batches into it, step 3)" \
-        in result.stderr
+    resumed = newest.parent / "checkpoint-000000003.pt"
+    assert f"resuming from {resumed} (in train epoch 1, 3 micro-batches into it, step 3)" in result.stderr
 
 
 # ---------------------------------------------------------------------------- no code execution from files
