@@ -21,6 +21,12 @@ def check_layout(cfg, model: nn.Module) -> None:
                             "stages); use --precision bf16 or fp32")
     if cfg.pipeline_splits and cfg.compile:
         raise ParallelError("--pipeline-splits with --compile is not supported; drop one of them")
+    stages = len(cfg.pipeline_splits) + 1
+    if stages > 1 and cfg.pipeline_schedule == "1f1b" and cfg.gradient_accumulation < stages:
+        raise ParallelError(
+            f"--pipeline-schedule 1f1b needs at least one micro-batch per stage: --gradient-accumulation "
+            f"{cfg.gradient_accumulation} is below the {stages} stages; raise it or use --pipeline-schedule gpipe"
+        )
 
 
 def wrap(model: nn.Module, cfg, ctx: Context) -> Runner | PipelineRunner:

@@ -133,8 +133,11 @@ class PipelineRunner:
             self._all_reduce_stage_gradients()
             return []
         if count not in self.schedules:
-            self.schedules[count] = self.schedule_class(self.stage, n_microbatches=count, loss_fn=self._loss,
-                                                        scale_grads=True)
+            # 1F1B needs a micro-batch per stage; a window cut short (a micro-batch without a decodable
+            # image is dropped) runs as GPipe, which computes the same gradients
+            schedule_class = self.schedule_class if count >= self.ctx.stages else ScheduleGPipe
+            self.schedules[count] = schedule_class(self.stage, n_microbatches=count, loss_fn=self._loss,
+                                                   scale_grads=True)
         schedule = self.schedules[count]
         losses: list[torch.Tensor] = []
         # autocast covers the forward passes and the loss, not the backward (see StageModule)

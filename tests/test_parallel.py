@@ -274,12 +274,70 @@ def test_a_replica_whose_last_micro_batch_has_no_image_still_joins_the_all_reduc
     assert batches == [[] if mode == "eager" else [2]] * 2, batches
 
 
+SHORT_WINDOW = """
+import sys, torch, torch.nn.functional as F
+from contextlib import nullcontext
+sys.path.insert(0, sys.argv[2])
+import parallel
+from models import create_model
+from parallel.data_parallel import StepSettings
+from parallel.pipeline import PipelineRunner
+ctx = parallel.Context(rank=int(sys.argv[3]), world_size=2, stages=2, distributed=True)
+torch.distributed.init_process_group("gloo")
+torch.manual_seed(0)
+model = create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
+                     dropout=0.0, stochastic_depth=0.0)
+runner = PipelineRunner(model, ctx, ["blocks.3.0"], "1f1b")
+settings = StepSettings(F.cross_entropy, torch.amp.GradScaler("cpu", enabled=False), nullcontext, 2)
+images, labels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2])
+windows = []
+for window in ([slice(0, 2), slice(2, 4)], [slice(4, 6)]):  # the second cut short: one micro-batch, two stages
+    for i, part in enumerate(window):
+        runner.micro_step(images[part], labels[part], i == len(window) - 1, settings)
+    windows.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+torch.save(windows, sys.argv[1] + f"/rank{ctx.rank}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_a_1f1b_window_cut_short_runs_as_gpipe(tmp_path: Path) -> None:
+    """1F1B needs a micro-batch per stage. A window cut below that (its other micro-batches had no
+    decodable image) used to stop the run with the schedule's ValueError; it now runs as GPipe, and
+    both windows' stage gradients are the single-process ones."""
+    script = tmp_path / "short_window.py"
+    script.write_text(SHORT_WINDOW)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
+         "sh", "-c", f'exec "{sys.executable}" "{script}" "{tmp_path}" "{ROOT}" "$RANK"'],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    from models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
+                         dropout=0.0, stochastic_depth=0.0)
+    images, labels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2])
+    for index, window in enumerate(([slice(0, 2), slice(2, 4)], [slice(4, 6)])):
+        loss = sum(F.cross_entropy(model(images[part]), labels[part]) for part in window) / len(window)
+        expected = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+        got = {**stages[0][index], **stages[1][index]}
+        assert stages[0][index].keys().isdisjoint(stages[1][index]) and got.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, atol=1e-4 * float(value.abs().max()), rtol=1e-4,
+                                       msg=f"window {index}: {name}")
+
+
 def test_layout_errors_are_refused_before_work(runs: Path, capsys) -> None:
     cases = [
         (["--pipeline-splits", "blocks.3.0.expand"], "not a block boundary"),
         (["--pipeline-splits", "blocks.9"], "not a block boundary"),
         (["--pipeline-splits", "blocks.4", "blocks.2"], "in model order"),
         (["--replicas", "2"], "world size 1 does not match --replicas 2"),
+        (["--pipeline-splits", "blocks.3.0", "--pipeline-schedule", "1f1b", "--gradient-accumulation", "1"],
+         "--pipeline-schedule 1f1b needs at least one micro-batch per stage"),
     ]
     for args, needle in cases:
         code, stderr = run_main(run_train.main, tiny_train_args(runs, *args), capsys)

@@ -274,6 +274,16 @@ def test_command_line_beats_config_beats_defaults() -> None:
     assert cfg.crop_pct == TrainConfig().crop_pct  # default
 
 
+def test_pipeline_splits_take_spaces_or_commas() -> None:
+    """A comma list, as run_validate's --resolutions takes, names the same splits as separate words."""
+    expected = ["blocks.2.0", "blocks.4.0"]
+    assert parse_args(["--pipeline-splits", "blocks.2.0", "blocks.4.0"]).pipeline_splits == expected
+    assert parse_args(["--pipeline-splits", "blocks.2.0,blocks.4.0"]).pipeline_splits == expected
+    assert parse_args(["--pipeline-splits", "blocks.2.0, blocks.4.0,"]).pipeline_splits == expected
+    assert make_config({"pipeline_splits": ["blocks.2.0,blocks.4.0"]}).pipeline_splits == expected
+    assert parse_args([]).pipeline_splits == []
+
+
 def test_half_resolution_follows_the_test_resolution() -> None:
     """--half-res-training at the model's native resolution trains at the paper's half resolution;
     at another --resolution, at the same proportion of it (never above the test resolution)."""

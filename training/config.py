@@ -107,7 +107,7 @@ class TrainConfig:
 
     # ---- parallel (see parallel/)
     replicas: int = 1  # data-parallel replicas (under torchrun: world size = replicas × pipeline stages)
-    pipeline_splits: list[str] = field(default_factory=list)  # module paths where a stage begins
+    pipeline_splits: list[str] = field(default_factory=list)  # module paths where a stage begins (space- or comma-separated)
     pipeline_schedule: str = "gpipe"  # gpipe | 1f1b
 
     # ---- run, checkpoints, logging
@@ -126,6 +126,12 @@ class TrainConfig:
     wandb: bool = False  # log to Weights & Biases (offline unless WANDB_API_KEY is set)
     wandb_project: str = "efficientnet-g16"  # Weights & Biases project name
     stop_after_steps: int | None = None  # stop after this many steps in all, checkpointing as on SIGTERM
+
+    def __post_init__(self) -> None:
+        # "blocks.2.0,blocks.4.0" means two splits, as run_validate's --resolutions takes a comma list
+        if isinstance(self.pipeline_splits, list) and all(isinstance(s, str) for s in self.pipeline_splits):
+            self.pipeline_splits = [part.strip() for split in self.pipeline_splits
+                                    for part in split.split(",") if part.strip()]
 
 
 # Options that steer a run without changing what it computes: on --resume they come from the
