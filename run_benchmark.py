@@ -7,7 +7,9 @@
 
 The first row is run once untimed before anything is measured (a process's first work is slow).
 A row is CONFIG[@RES][+fp32|+bf16|+fp16][+cl|+nocl][+compile|+nocompile][+KEY=VALUE…] or
-timm:MODEL[@RES]; precision, memory format and compile default to the config's
+timm:MODEL[@RES] with the same flags but no KEY=VALUE. KEY is a run_train option of the model, its
+optimizer or its loss (e.g. proxy_norm=false); one that changes nothing a row times, such as
+micro_batch_size, is refused. Precision, memory format and compile default to the config's
 (+compile+compile_mode=reduce-overhead picks torch.compile's mode, as --compile-mode does). Each row
 runs warm-up steps (not timed), then timed steps each synchronised and timed alone; the median is
 reported with GMACs per image, achieved GFLOP/s (a training step counted as 3 forward passes),
@@ -143,11 +145,25 @@ def _parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+# The options a row's step is built from: the model, its resolution, precision, layout and compilation,
+# and the optimizer and loss it trains with. Any other option (data, schedule, batch, replicas and
+# pipeline stages, run folder) changes nothing a row times, so a row that sets one is refused
+ROW_OPTIONS = (
+    "model", "group_size", "expand_ratio", "norm", "norm_groups", "norm_eps", "proxy_norm", "width", "depth",
+    "dropout", "stochastic_depth", "grad_checkpointing", "resolution", "precision", "channels_last", "compile",
+    "compile_mode", "optimizer", "momentum", "nesterov", "rmsprop_decay", "optimizer_eps", "weight_decay",
+    "proxy_weight_decay", "label_smoothing",
+)
+
+
 def check_row(row: Row, batch_size: int | None = None):
     """The row's training config, checked (None for a timm row): unknown configs, options and
     timm models are refused here, before anything is measured. With `batch_size` (training rows),
     the step the row will time is checked too, at the row's resolution and that batch."""
     if row.timm_model:
+        if row.overrides:
+            raise ConfigError(f"row {row.spec!r}: a timm row takes @RES and the precision, layout and compile "
+                              f"flags only, not {', '.join(row.overrides)}")
         try:
             import timm
         except ImportError:
@@ -160,6 +176,13 @@ def check_row(row: Row, batch_size: int | None = None):
     flags = {name: value for name, value in (("precision", row.precision), ("channels_last", row.channels_last),
                                              ("compile", row.compile)) if value is not None}
     cfg = make_config({**resolve_config(row.config), "data": "generated", **flags, **row.overrides}, f"row {row.spec!r}")
+    unused = [key for key in row.overrides if key not in ROW_OPTIONS]
+    if unused:
+        raise ConfigError(
+            f"row {row.spec!r}: {', '.join(unused)} would change nothing this benchmark times (one process, "
+            f"--batch-size images a step, at @RES); a row takes the model's options, precision, channels_last, "
+            f"compile, compile_mode and the optimizer's"
+        )
     timed = cfg if batch_size is None else replace(cfg, micro_batch_size=batch_size, resolution=row.resolution or cfg.resolution,
                                                       train_resolution=None, half_res_training=False)
     try:
@@ -251,6 +274,7 @@ def prepare_row(row: Row, args: BenchmarkConfig, device: torch.device) -> Prepar
 
     if args.mode == "train":
         model.train()
+        smoothing = cfg.label_smoothing if cfg is not None else 0.1  # timm's recipe uses 0.1 too
         if cfg is not None:
             optimizer = optimizer_from_config(cfg, model, 0.01)
         else:
@@ -258,7 +282,7 @@ def prepare_row(row: Row, args: BenchmarkConfig, device: torch.device) -> Prepar
 
         def step() -> None:
             with autocast_context(device, row.precision):
-                loss = F.cross_entropy(forward(x).float(), y, label_smoothing=0.1)
+                loss = F.cross_entropy(forward(x).float(), y, label_smoothing=smoothing)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()

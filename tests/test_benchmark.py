@@ -92,6 +92,11 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--compare", "demo+compile_mode=reduce-overhead"],
      "row 'demo+compile_mode=reduce-overhead': --compile-mode reduce-overhead needs --compile true"),
     (["--results-file", "figures.txt"], "--results-file must end in .json or .csv, got 'figures.txt'"),
+    # options a row's step is not built from are refused, not silently ignored
+    (["--compare", "demo+micro_batch_size=4"], "row 'demo+micro_batch_size=4': micro_batch_size would change nothing"),
+    (["--compare", "demo+half_res_training=true"], "half_res_training would change nothing this benchmark times"),
+    (["--compare", "timm:efficientnet_b0+width=0.5"], "a timm row takes @RES and the precision, layout and compile "
+                                                      "flags only, not width"),
     # the timed training step itself: BatchNorm with one image on 1x1 maps
     (["--compare", "demo@32+norm=batch+proxy_norm=false", "--batch-size", "1"],
      "the last feature maps are 1x1 and --batch-size is 1: raise --batch-size"),
@@ -306,6 +311,17 @@ def test_a_rows_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPat
         assert modes[-1] == expected and prepared.row.compile_mode == expected
     run_benchmark.prepare_row(run_benchmark.parse_row(TINY_ROW), args, torch.device("cpu"))
     assert len(modes) == 2  # not compiled: torch.compile is not called
+
+
+def test_a_rows_label_smoothing_reaches_its_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    cross_entropy = run_benchmark.F.cross_entropy
+    monkeypatch.setattr(run_benchmark.F, "cross_entropy",
+                        lambda *a, label_smoothing: seen.append(label_smoothing) or cross_entropy(*a))
+    args = run_benchmark.BenchmarkConfig(batch_size=2, num_classes=10)
+    for flags, expected in (("", 0.1), ("+label_smoothing=0", 0.0), ("+label_smoothing=0.3", 0.3)):
+        run_benchmark.prepare_row(run_benchmark.parse_row(TINY_ROW + flags), args, torch.device("cpu")).step()
+        assert seen[-1] == expected, flags
 
 
 @pytest.mark.parametrize("rounds", [1, 2])
