@@ -107,7 +107,7 @@ class TrainConfig:
 
     # ---- parallel (see parallel/)
     replicas: int = 1  # data-parallel replicas (under torchrun: world size = replicas × pipeline stages)
-    pipeline_splits: list[str] = field(default_factory=list)  # module paths where a stage begins (space- or comma-separated)
+    pipeline_splits: list[str] = field(default_factory=list)  # module paths where a stage begins, separated by spaces or commas
     pipeline_schedule: str = "gpipe"  # gpipe | 1f1b
 
     # ---- run, checkpoints, logging
