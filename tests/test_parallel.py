@@ -206,19 +206,48 @@ def test_pipeline_resumed_twice_matches_the_uninterrupted_run(runs: Path) -> Non
     assert len(cut["rng"]) == 2 and all(torch.equal(a["torch"], b["torch"]) for a, b in zip(whole["rng"], cut["rng"]))
 
 
-BLANK_STEP = """
+# a script run on two ranks by `run_on_two_ranks` (argv: output folder, repository, rank, extra): the
+# model of `tiny_lnpn_model` and a plain cross-entropy step, on gloo
+TWO_RANK_SETUP = """
 import sys, torch, torch.nn.functional as F
 from contextlib import nullcontext
 sys.path.insert(0, sys.argv[2])
 import parallel
 from models import create_model
 from parallel.data_parallel import Runner, StepSettings
-ctx = parallel.Context(rank=int(sys.argv[3]), world_size=2, replicas=2, distributed=True)
+from parallel.pipeline import PipelineRunner
 torch.distributed.init_process_group("gloo")
 torch.manual_seed(0)
 model = create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
                      dropout=0.0, stochastic_depth=0.0)
 settings = StepSettings(F.cross_entropy, torch.amp.GradScaler("cpu", enabled=False), nullcontext, 2)
+"""
+
+
+def run_on_two_ranks(tmp_path: Path, script: str, *extra: str) -> list[dict]:
+    """Run `script` under torchrun on two ranks; each saves a dict to rank{RANK}.pt, returned here."""
+    path = tmp_path / "two_ranks.py"
+    path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
+         "sh", "-c", f'exec "{sys.executable}" "{path}" "{tmp_path}" "{ROOT}" "$RANK" {" ".join(extra)}'],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def tiny_lnpn_model() -> torch.nn.Module:
+    """The model TWO_RANK_SETUP builds, with the same initial weights: the single-process reference."""
+    from models import create_model
+
+    torch.manual_seed(0)
+    return create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
+                        dropout=0.0, stochastic_depth=0.0)
+
+
+BLANK_STEP = TWO_RANK_SETUP + """
+ctx = parallel.Context(rank=int(sys.argv[3]), world_size=2, replicas=2, distributed=True)
 sys.path.insert(0, sys.argv[2] + "/tests")
 import pytest
 from dynamo_graphs import record_dynamo_graphs
@@ -244,21 +273,8 @@ def test_a_replica_whose_last_micro_batch_has_no_image_still_joins_the_all_reduc
     zeros through a blank image: both replicas hold the mean of what they accumulated. Compiled,
     the blank image goes through DDP eagerly: no graph is compiled for its batch of one (on a GPU,
     minutes), which Dynamo's graphs are recorded to show."""
-    script = tmp_path / "blank_step.py"
-    script.write_text(BLANK_STEP)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
-         "sh", "-c", f'exec "{sys.executable}" "{script}" "{tmp_path}" "{ROOT}" "$RANK" {mode}'],
-        capture_output=True, text=True, timeout=120, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    # the reference: one process, each replica's accumulated gradient computed apart
-    from models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
-                     dropout=0.0, stochastic_depth=0.0)
+    ranks = run_on_two_ranks(tmp_path, BLANK_STEP, mode)
+    model = tiny_lnpn_model()  # the reference: one process, each replica's accumulated gradient computed apart
     images, labels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
     first = torch.autograd.grad(F.cross_entropy(model(images[:2]), labels[:2]) / 2, list(model.parameters()))
     second = torch.autograd.grad(F.cross_entropy(model(images[2:]), labels[2:]) / 2, list(model.parameters()))
@@ -274,21 +290,9 @@ def test_a_replica_whose_last_micro_batch_has_no_image_still_joins_the_all_reduc
     assert batches == [[] if mode == "eager" else [2]] * 2, batches
 
 
-SHORT_WINDOW = """
-import sys, torch, torch.nn.functional as F
-from contextlib import nullcontext
-sys.path.insert(0, sys.argv[2])
-import parallel
-from models import create_model
-from parallel.data_parallel import StepSettings
-from parallel.pipeline import PipelineRunner
+SHORT_WINDOW = TWO_RANK_SETUP + """
 ctx = parallel.Context(rank=int(sys.argv[3]), world_size=2, stages=2, distributed=True)
-torch.distributed.init_process_group("gloo")
-torch.manual_seed(0)
-model = create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
-                     dropout=0.0, stochastic_depth=0.0)
 runner = PipelineRunner(model, ctx, ["blocks.3.0"], "1f1b")
-settings = StepSettings(F.cross_entropy, torch.amp.GradScaler("cpu", enabled=False), nullcontext, 2)
 images, labels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2])
 windows = []
 for window in ([slice(0, 2), slice(2, 4)], [slice(4, 6)]):  # the second cut short: one micro-batch, two stages
@@ -305,20 +309,8 @@ def test_a_1f1b_window_cut_short_runs_as_gpipe(tmp_path: Path) -> None:
     """1F1B needs a micro-batch per stage. A window cut below that (its other micro-batches had no
     decodable image) used to stop the run with the schedule's ValueError; it now runs as GPipe, and
     both windows' stage gradients are the single-process ones."""
-    script = tmp_path / "short_window.py"
-    script.write_text(SHORT_WINDOW)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
-         "sh", "-c", f'exec "{sys.executable}" "{script}" "{tmp_path}" "{ROOT}" "$RANK"'],
-        capture_output=True, text=True, timeout=120, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    stages = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    from models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
-                         dropout=0.0, stochastic_depth=0.0)
+    stages = run_on_two_ranks(tmp_path, SHORT_WINDOW)
+    model = tiny_lnpn_model()
     images, labels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2])
     for index, window in enumerate(([slice(0, 2), slice(2, 4)], [slice(4, 6)])):
         loss = sum(F.cross_entropy(model(images[part]), labels[part]) for part in window) / len(window)
