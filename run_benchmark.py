@@ -59,6 +59,7 @@ from training.config import (
     meta_model,
     model_overrides,
     native_resolution,
+    option,
     parse_dataclass,
     resolve_config,
 )
@@ -510,6 +511,31 @@ def write_results(args: BenchmarkConfig, machine: dict, results: list[dict]) -> 
 # ---------------------------------------------------------------------------- main
 
 
+# Options only one kind of mode reads: given with the other, they would be ignored without a word
+DATA_MODE_OPTIONS = ("data_path", "jpegs", "resolution", "workers", "draft")
+MODEL_MODE_OPTIONS = ("compare", "num_classes", "rounds", "round_time_limit", "warmup_steps", "timed_steps",
+                      "profile_rows")
+
+
+def check_mode_options(args: BenchmarkConfig, arguments: list[str]) -> None:
+    """Refuse options the chosen mode does not read (a row's resolution, say, is CONFIG@RES, not
+    --resolution, which sets the data mode's crop)."""
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in arguments if a.startswith("--")}
+    if args.mode == "data":
+        unread = [name for name in MODEL_MODE_OPTIONS if name in given]
+        if unread:
+            raise ConfigError(f"{', '.join(map(option, unread))}: not read by --mode data, which times the host "
+                              f"loader alone")
+        if args.data_path and "jpegs" in given:
+            raise ConfigError("--jpegs: not read with --data-path (it is how many JPEGs to generate without one)")
+        return
+    unread = [name for name in DATA_MODE_OPTIONS if name in given]
+    if unread:
+        hint = "; a row's resolution is CONFIG@RES, e.g. efficientnet-b0-g16-lnpn@224" if "resolution" in unread else ""
+        raise ConfigError(f"{', '.join(map(option, unread))}: read only by --mode data (the host loader), "
+                          f"not by --mode {args.mode}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -526,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--profile-calls must not be negative, --profile-rows must be at least 1")
         if args.profile_calls and args.mode == "data":
             raise ConfigError("--profile-calls profiles model steps: use it with --mode train or inference")
+        check_mode_options(args, arguments)
         if args.mode == "data" and (args.workers < 0 or args.jpegs < 1 or args.resolution < 1):
             raise ConfigError("--workers must be at least 0, --jpegs and --resolution at least 1")
         if args.mode == "data" and args.data_path:

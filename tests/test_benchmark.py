@@ -92,6 +92,12 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--compare", "demo+compile_mode=reduce-overhead"],
      "row 'demo+compile_mode=reduce-overhead': --compile-mode reduce-overhead needs --compile true"),
     (["--results-file", "figures.txt"], "--results-file must end in .json or .csv, got 'figures.txt'"),
+    # options the mode does not read are refused, not silently ignored
+    (["--resolution", "224"], "--resolution: read only by --mode data (the host loader), not by --mode train; "
+                              "a row's resolution is CONFIG@RES"),
+    (["--mode", "inference", "--workers", "2", "--draft", "false"], "--workers, --draft: read only by --mode data"),
+    (["--mode", "data", "--compare", "demo", "--rounds", "3"], "--compare, --rounds: not read by --mode data"),
+    (["--mode", "data", "--data-path", ".", "--jpegs", "10"], "--jpegs: not read with --data-path"),
     # options a row's step is not built from are refused, not silently ignored
     (["--compare", "demo+micro_batch_size=4"], "row 'demo+micro_batch_size=4': micro_batch_size would change nothing"),
     (["--compare", "demo+half_res_training=true"], "half_res_training would change nothing this benchmark times"),
