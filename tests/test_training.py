@@ -337,6 +337,9 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path, capsys) -> Non
         (["--data", "imagenet", "--data-path", str(tmp_path / "missing")], "data path not found"),
         (["--config", "demo", "--data-path", str(tmp_path)], "--data-path is read only with --data imagenet"),
         (["--config", "demo", "--interpolation", "nearest"], "--interpolation must be bilinear or bicubic"),
+        (["--config", "demo", "--nesterov"], "--nesterov is Nesterov momentum for --optimizer sgd with --momentum "
+                                             "above 0, got --optimizer adamw --momentum 0.9"),
+        (["--config", "demo", "--optimizer", "sgd", "--momentum", "0", "--nesterov"], "got --optimizer sgd --momentum 0"),
     ]
     for args, needle in cases:
         code, stderr = run_main(run_train.main, [*args, "--output-dir", str(tmp_path / "runs")], capsys)

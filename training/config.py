@@ -343,6 +343,9 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise ConfigError(f"{option(name)} must be positive, got {value}")
+    if cfg.nesterov and (cfg.optimizer != "sgd" or cfg.momentum == 0):  # else it would be dropped without a word
+        raise ConfigError(f"--nesterov is Nesterov momentum for --optimizer sgd with --momentum above 0, got "
+                          f"--optimizer {cfg.optimizer} --momentum {cfg.momentum:g}")
     if cfg.proxy_norm and cfg.norm == "batch":
         raise ConfigError("--proxy-norm needs a batch-independent norm: use --norm group or --norm layer")
     if cfg.norm == "batch":
