@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -520,7 +520,13 @@ MODEL_MODE_OPTIONS = ("compare", "num_classes", "rounds", "round_time_limit", "w
 def check_mode_options(args: BenchmarkConfig, arguments: list[str]) -> None:
     """Refuse options the chosen mode does not read (a row's resolution, say, is CONFIG@RES, not
     --resolution, which sets the data mode's crop)."""
-    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in arguments if a.startswith("--")}
+    names = [f.name for f in fields(BenchmarkConfig)]
+
+    def field_of(token: str) -> str:  # argparse also takes a unique prefix: --resol for --resolution
+        key = token[2:].split("=", 1)[0].replace("-", "_")
+        return key if key in names else next((n for n in names if n.startswith(key)), key)
+
+    given = {field_of(a) for a in arguments if a.startswith("--")}
     if args.mode == "data":
         unread = [name for name in MODEL_MODE_OPTIONS if name in given]
         if unread:
