@@ -206,9 +206,12 @@ def test_pipeline_resumed_twice_matches_the_uninterrupted_run(runs: Path) -> Non
     assert len(cut["rng"]) == 2 and all(torch.equal(a["torch"], b["torch"]) for a, b in zip(whole["rng"], cut["rng"]))
 
 
+# the model the two-rank scripts train, and the single-process reference builds (`tiny_lnpn_model`)
+TINY_LNPN = dict(width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True, dropout=0.0, stochastic_depth=0.0)
+
 # a script run on two ranks by `run_on_two_ranks` (argv: output folder, repository, rank, extra): the
 # model of `tiny_lnpn_model` and a plain cross-entropy step, on gloo
-TWO_RANK_SETUP = """
+TWO_RANK_SETUP = f"""
 import sys, torch, torch.nn.functional as F
 from contextlib import nullcontext
 sys.path.insert(0, sys.argv[2])
@@ -218,8 +221,7 @@ from parallel.data_parallel import Runner, StepSettings
 from parallel.pipeline import PipelineRunner
 torch.distributed.init_process_group("gloo")
 torch.manual_seed(0)
-model = create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
-                     dropout=0.0, stochastic_depth=0.0)
+model = create_model("efficientnet-b0", **{TINY_LNPN!r})
 settings = StepSettings(F.cross_entropy, torch.amp.GradScaler("cpu", enabled=False), nullcontext, 2)
 """
 
@@ -242,8 +244,7 @@ def tiny_lnpn_model() -> torch.nn.Module:
     from models import create_model
 
     torch.manual_seed(0)
-    return create_model("efficientnet-b0", width=0.25, depth=0.25, num_classes=3, norm="layer", proxy_norm=True,
-                        dropout=0.0, stochastic_depth=0.0)
+    return create_model("efficientnet-b0", **TINY_LNPN)
 
 
 BLANK_STEP = TWO_RANK_SETUP + """
