@@ -102,7 +102,7 @@ def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 
                     rmsprop_decay: float = 0.9, eps: float = 1e-3) -> torch.optim.Optimizer:
     # the per-group "names" and "group" entries stay in param_groups for inspection; optimizers ignore them
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)  # check_config refuses it without momentum
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, eps=eps)
     if name == "rmsprop":
