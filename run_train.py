@@ -368,11 +368,13 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
                 restore(state, model, phase, scaler, cfg, ctx)
             validated = last_epoch(run_phase(cfg, ctx, phase, model, runner, scaler, train_set, val_loader, progress,
                                              run_dir, log, stopper))
-            final_train = phase.epoch_average or phase.ema
-            if final_train is not None:
-                model.load_state_dict(runner.full_state(final_train.module))  # continue from the averaged weights
-                validated = (report_validation(cfg, ctx, log, progress, model, runner, val_loader, "averaged"),
-                             "the averaged weights")
+            # the weights the run goes on from: the paper's epoch average, else the EMA (labelled as
+            # run_validate's --weights names them); with both kept, the EMA is validated too
+            for label, average, what in (("ema", phase.ema, "the EMA weights"),
+                                         ("averaged", phase.epoch_average, "the epoch-averaged weights")):
+                if average is not None:
+                    model.load_state_dict(runner.full_state(average.module))
+                    validated = (report_validation(cfg, ctx, log, progress, model, runner, val_loader, label), what)
 
         # ---- fine-tune the head at the test resolution (reduced-resolution training)
         if needs_fine_tune(cfg):

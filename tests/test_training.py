@@ -503,17 +503,20 @@ def test_resume_replaces_the_metrics_of_steps_trained_again(tiny_args, tmp_path:
     assert [row.split(",")[:4] for row in rows] == [row.split(",")[:4] for row in straight_rows]
 
 
-@pytest.mark.parametrize("extra, passes, note", [
-    ([], 1, "the averaged weights"),  # no fine-tuning: the final weights are the averaged ones
-    (["--half-res-training"], 1, "the last epoch's weights"),  # the last fine-tune epoch was validated
-    (["--half-res-training", "--validate-every", "0"], 2, None),  # it was not: the final weights are validated
+@pytest.mark.parametrize("extra, averages, note", [
+    ([], ["averaged"], "the epoch-averaged weights"),  # no fine-tuning: the final weights are the averaged ones
+    (["--epoch-average-decay", "0", "--ema-decay", "0.5"], ["ema"], "the EMA weights"),
+    (["--ema-decay", "0.5"], ["ema", "averaged"], "the epoch-averaged weights"),  # both validated; on from the epochs'
+    (["--half-res-training"], ["averaged"], "the last epoch's weights"),  # the last fine-tune epoch was validated
+    (["--half-res-training", "--validate-every", "0"], ["averaged"], None),  # it was not: the final weights are
 ])
-def test_the_final_weights_are_validated_once(extra, passes, note, tiny_args, tmp_path: Path,
+def test_the_final_weights_are_validated_once(extra, averages, note, tiny_args, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """Where the weights a run ends with were validated and not changed since (the averaged weights
     without fine-tuning; the last epoch's when it was validated), that validation is reported for the
-    final weights too, instead of a second pass over the validation set."""
+    final weights too, instead of a second pass over the validation set. Each average kept is
+    validated under the name run_validate's --weights gives it; the run goes on from the epoch average."""
     calls = []
     real_validate = run_train.validate
     monkeypatch.setattr(run_train, "validate", lambda *a: calls.append(1) or real_validate(*a))
@@ -521,18 +524,22 @@ def test_the_final_weights_are_validated_once(extra, passes, note, tiny_args, tm
     run = tmp_path / "runs" / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     validated_epochs = [r for r in records if r["event"] == "epoch" and "val_top1" in r]
-    averaged, final = [r for r in records if r["event"] == "validation"]
-    assert (averaged["weights"], final["weights"]) == ("averaged", "final")
-    assert validated_epochs and len(calls) == len(validated_epochs) + passes  # per epoch, then averaged (+ final)
+    validations = {r["weights"]: r for r in records if r["event"] == "validation"}
+    assert list(validations) == [*averages, "final"]
+    final = validations["final"]
+    passes = len(averages) + (note is None)
+    assert validated_epochs and len(calls) == len(validated_epochs) + passes  # per epoch, then averages (+ final)
     if note is not None:  # the figures reported for the final weights are those of the validation reused
         keys = ("top1", "top5", "loss")
-        reused = {"the averaged weights": [averaged[key] for key in keys],
+        reused = {"the epoch-averaged weights": [validations.get("averaged", {}).get(key) for key in keys],
+                  "the EMA weights": [validations.get("ema", {}).get(key) for key in keys],
                   "the last epoch's weights": [validated_epochs[-1]["val_" + key] for key in keys]}[note]
         assert [final[key] for key in keys] == reused
         assert f"validation (final weights: {note}, validated above)" in capsys.readouterr().err
     assert json.loads((run / "final.json").read_text())["top1"] == final["top1"]
-    if not extra:  # the exported weights are the averaged ones that were validated
-        average = load_checkpoint(list_checkpoints(run)[-1])["epoch_average"]
+    if "--half-res-training" not in extra:  # the exported weights are the average the run went on from
+        last = load_checkpoint(list_checkpoints(run)[-1])
+        average = last["epoch_average" if "averaged" in averages else "ema"]
         exported = load_file(run / "model.safetensors")
         assert all(torch.equal(tensor, average["module." + name]) for name, tensor in exported.items())
 
