@@ -149,15 +149,17 @@ class Context:
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ParallelError(f"--device {requested}: no CUDA device is available")
-    if requested == "cuda":
-        return torch.device(f"cuda:{local_rank}")
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise ParallelError(f"--device {requested!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # (the training code is written for these two)
+        raise ParallelError(f"--device {requested!r} is not a device (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParallelError(f"--device {requested}: no CUDA device is available")
+    if device.type == "cuda" and device.index is None:
+        return torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
         raise ParallelError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 

@@ -86,6 +86,7 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--mode", "data", "--workers", "-1"], "--workers must be at least 0"),
     (["--device", "cuda:99"], "--device cuda:99: "),  # no CUDA device, or not that many
     (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--device", "meta"], "--device 'meta' is not a device"),
     (["--profile-calls", "-1"], "--profile-calls must not be negative"),
     (["--profile-rows", "0"], "--profile-rows must be at least 1"),
     (["--mode", "data", "--profile-calls", "2"], "--profile-calls profiles model steps"),

@@ -340,6 +340,8 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path, capsys) -> Non
         (["--config", "demo", "--nesterov"], "--nesterov is Nesterov momentum for --optimizer sgd with --momentum "
                                              "above 0, got --optimizer adamw --momentum 0.9"),
         (["--config", "demo", "--optimizer", "sgd", "--momentum", "0", "--nesterov"], "got --optimizer sgd --momentum 0"),
+        (["--config", "demo", "--device", "mps"], "--device 'mps' is not a device"),  # (torch parses it; we don't run it)
+        (["--config", "demo", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
     ]
     for args, needle in cases:
         code, stderr = run_main(run_train.main, [*args, "--output-dir", str(tmp_path / "runs")], capsys)
