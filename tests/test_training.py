@@ -385,23 +385,33 @@ def test_help_and_list_configs() -> None:
         assert example in text.splitlines(), module.__name__
 
 
-def test_gpu_speed_hint_only_where_proxy_norm_runs_eagerly_on_a_gpu() -> None:
-    """Eager LN+PN on a GPU is told how to go faster; its advice is a valid command line that
-    silences it, and the section it cites exists. CPU runs, models without Proxy Norm and
-    pipelines (which cannot be compiled) get no note."""
+def _assert_cites_a_section(hint: str) -> None:
+    section = re.search(r"docs/benchmarks\.md ([AC]\.\d+)", hint).group(1)
+    assert f"### {section} " in (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def test_speed_hints_where_settings_are_known_to_be_slow() -> None:
+    """Eager LN+PN on a GPU, and fp16 training on a CPU, are told how to go faster; the advice is a
+    valid command line that silences the note, and the section it cites exists. Other CPU runs,
+    models without Proxy Norm and pipelines (which cannot be compiled) get no note."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     lnpn = {**resolve_config("efficientnet-b0-g16-lnpn"), "data": "generated"}
-    hint = run_train.gpu_speed_hint(make_config(lnpn), cuda)
+    hint = run_train.speed_hint(make_config(lnpn), cuda)
     assert hint and "--compile true --compile-mode reduce-overhead" in hint
-    section = re.search(r"docs/benchmarks\.md (C\.\d+)", hint).group(1)
-    assert f"### {section} " in (ROOT / "docs" / "benchmarks.md").read_text()
+    _assert_cites_a_section(hint)
     advised = make_config({**lnpn, "compile": True, "compile_mode": "reduce-overhead"})
     check_config(advised)
-    assert run_train.gpu_speed_hint(advised, cuda) is None
-    assert run_train.gpu_speed_hint(make_config({**lnpn, "compile": True}), cuda)  # default mode: no CUDA graphs
-    assert run_train.gpu_speed_hint(make_config(lnpn), cpu) is None
-    assert run_train.gpu_speed_hint(make_config(resolve_config("efficientnet-b0-g16-gn")), cuda) is None
-    assert run_train.gpu_speed_hint(make_config({**lnpn, "pipeline_splits": ["blocks.3.0"]}), cuda) is None
+    assert run_train.speed_hint(advised, cuda) is None
+    assert run_train.speed_hint(make_config({**lnpn, "compile": True}), cuda)  # default mode: no CUDA graphs
+    assert run_train.speed_hint(make_config(lnpn), cpu) is None
+    assert run_train.speed_hint(make_config(resolve_config("efficientnet-b0-g16-gn")), cuda) is None
+    assert run_train.speed_hint(make_config({**lnpn, "pipeline_splits": ["blocks.3.0"]}), cuda) is None
+    # fp16 on a CPU
+    hint = run_train.speed_hint(make_config({**lnpn, "precision": "fp16"}), cpu)
+    assert hint and hint.endswith("use --precision bf16")
+    _assert_cites_a_section(hint)
+    assert run_train.speed_hint(parse_args(["--config", "demo", "--precision", "bf16"]), cpu) is None
+    assert "fp16" not in (run_train.speed_hint(make_config({**lnpn, "precision": "fp16"}), cuda) or "")
 
 
 # ---------------------------------------------------------------------------- whole runs
