@@ -283,17 +283,23 @@ def check_data_folder(cfg: TrainConfig, state: dict | None = None, state_path: P
                         f"outputs: {remedy}")
 
 
+def cpu_fp16_hint(cfg: TrainConfig, device: torch.device) -> str | None:
+    """fp16 training on a CPU: PyTorch's fp16 convolution backward there runs 100-2000x slower than
+    bf16's (docs/benchmarks.md A.10), so a run meant for a GPU's fp16 would crawl without a word."""
+    if device.type != "cpu" or cfg.precision != "fp16":
+        return None
+    return ("note: on a CPU, PyTorch's fp16 convolution backward is 100-2000x slower than bf16's: B0 G16-LN+PN at "
+            "160 px trained at 0.4 img/s in fp16 against 44 in bf16 on an Intel Xeon with AVX512-FP16 "
+            "(docs/benchmarks.md A.10); use --precision bf16")
+
+
 def speed_hint(cfg: TrainConfig, device: torch.device) -> str | None:
     """A note where the settings are known to be slow on this device and a user would not know:
-    - fp16 on a CPU: PyTorch's fp16 convolution backward there runs 100-2000x slower than bf16's
-      (docs/benchmarks.md A.10), so a run meant for a GPU's fp16 would crawl;
-    - Proxy Norm trained eagerly on a GPU, where its many small kernels keep the GPU waiting on the
-      host: CUDA graphs issue a whole step at once (C.8, C.11). The configs' defaults are the CPU's
-      fastest, so a GPU user would otherwise not know."""
-    if device.type == "cpu" and cfg.precision == "fp16":
-        return ("note: on a CPU, PyTorch's fp16 convolution backward is 100-2000x slower than bf16's: B0 G16-LN+PN at "
-                "160 px trained at 0.4 img/s in fp16 against 44 in bf16 on an Intel Xeon with AVX512-FP16 "
-                "(docs/benchmarks.md A.10); use --precision bf16")
+    fp16 on a CPU (above), or Proxy Norm trained eagerly on a GPU, where its many small kernels keep
+    the GPU waiting on the host: CUDA graphs issue a whole step at once (docs/benchmarks.md C.8,
+    C.11). The configs' defaults are the CPU's fastest, so a GPU user would otherwise not know."""
+    if device.type == "cpu":
+        return cpu_fp16_hint(cfg, device)
     if device.type != "cuda" or not cfg.proxy_norm or cfg.pipeline_splits:  # a pipeline cannot be compiled
         return None
     if cfg.compile and cfg.compile_mode == "reduce-overhead":

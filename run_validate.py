@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import parallel
+import run_train
 from datasets import DataError, SeededSampler, batch_bytes, check_shared_memory, eval_transform, make_loader
 from models.flops import count_macs
 from training.checkpoint import CheckpointError, WriteError, atomic_write, list_checkpoints
@@ -287,6 +288,10 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
     check_config(cfg)
     ctx = parallel.setup(cfg)
     device = ctx.device
+    if args.fine_tune_epochs and not rows:  # (said once, before the first source's points)
+        hint = run_train.cpu_fp16_hint(cfg, device)
+        if hint:
+            print(hint, file=sys.stderr)
     model = model_from_weights(cfg, state, source)
     num_classes = model.config.num_classes
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -309,8 +314,6 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
                              cfg.workers, device=device)
         tested = model
         if args.fine_tune_epochs:
-            import run_train
-
             tested = copy.deepcopy(model)
             run_train.fine_tune(dataclasses.replace(cfg, fine_tune_epochs=args.fine_tune_epochs), tested,
                                 num_classes, resolution, ctx, classes)

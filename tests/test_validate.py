@@ -131,7 +131,7 @@ def test_run_folder_sources_are_checked_before_the_sweep(trained_run: Path, tmp_
     assert evaluated == []
 
 
-def test_fine_tune_protocol_runs_per_resolution(trained_run: Path, tmp_path: Path) -> None:
+def test_fine_tune_protocol_runs_per_resolution(trained_run: Path, tmp_path: Path, capsys) -> None:
     checkpoint = str(list_checkpoints(trained_run)[-1])
     args = ["--checkpoint", checkpoint, "--progress", "false", "--timed-batches", "1", "--resolutions", "40"]
     assert run_validate.main([*args, "--output-prefix", str(tmp_path / "plain")]) == 0
@@ -139,6 +139,13 @@ def test_fine_tune_protocol_runs_per_resolution(trained_run: Path, tmp_path: Pat
     plain, tuned = _rows(tmp_path / "plain")[0], _rows(tmp_path / "ft")[0]
     assert tuned["fine_tune_epochs"] == 1
     assert tuned["loss"] != plain["loss"]  # the head was trained at 40 px before testing
+    assert "fp16" not in capsys.readouterr().err
+    # fine-tuning in fp16 on a CPU is noted once for a run folder's sweep, not once per checkpoint
+    assert run_validate.main(["--checkpoint", str(trained_run), "--progress", "false", "--timed-batches", "1",
+                              "--resolutions", "24,32", "--fine-tune-epochs", "1", "--precision", "fp16",
+                              "--output-prefix", str(tmp_path / "fp16")]) == 0
+    assert len(_rows(tmp_path / "fp16")) == 2 * len(list_checkpoints(trained_run)) >= 4
+    assert capsys.readouterr().err.count("fp16 convolution backward is 100-2000x slower") == 1
 
 
 def test_ctrl_c_during_per_resolution_fine_tuning_exits_130(trained_run: Path, tmp_path: Path) -> None:
