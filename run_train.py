@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             created = None if run_dir.exists() else run_dir
         lock = ctx.run_on_main(partial(take_run_folder, run_dir))
-        return train(cfg, ctx, run_dir, state, state_path, initial)
+        with parallel.deterministic_kernels(cfg.deterministic):
+            return train(cfg, ctx, run_dir, state, state_path, initial)
     except parallel.MainRankFailed as failed:  # rank 0 has said why
         return 1 if failed.error_type == WriteError.__name__ else 2
     except (ConfigError, DataError, CheckpointError, parallel.ParallelError) as error:
@@ -318,8 +319,6 @@ def check_loader_memory(cfg: TrainConfig, ctx: parallel.Context) -> None:
 
 def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | None, state_path: Path | None,
           initial: InitialWeights | None = None) -> int:
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
     device = ctx.device
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 

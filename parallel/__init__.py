@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .context import Context, MainRankFailed, ParallelError, setup
+from .context import Context, MainRankFailed, ParallelError, deterministic_kernels, setup
 from .data_parallel import Runner, StepSettings
 from .pipeline import PipelineRunner, split_indices
 
@@ -35,4 +35,5 @@ def wrap(model: nn.Module, cfg, ctx: Context) -> Runner | PipelineRunner:
     return Runner(model, ctx, cfg.compile, cfg.compile_mode)
 
 
-__all__ = ["Context", "MainRankFailed", "ParallelError", "PipelineRunner", "Runner", "StepSettings", "check_layout", "setup", "wrap"]
+__all__ = ["Context", "MainRankFailed", "ParallelError", "PipelineRunner", "Runner", "StepSettings", "check_layout",
+           "deterministic_kernels", "setup", "wrap"]

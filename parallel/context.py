@@ -10,7 +10,8 @@ import datetime
 import gc
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -162,6 +163,24 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     if device.type == "cuda" and device.index >= torch.cuda.device_count():
         raise ParallelError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+@contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """`--deterministic` for the duration of a run; a caller in the same process (the tests) gets
+    its own setting back. On CUDA, PyTorch raises a RuntimeError at a cuBLAS matmul in deterministic
+    mode unless CUBLAS_WORKSPACE_CONFIG fixes cuBLAS's workspace (PyTorch's notes on reproducibility),
+    so it is set here, where the user has not set it, before the run's first matmul."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def tune_for_device(device: torch.device, deterministic: bool = False) -> None:

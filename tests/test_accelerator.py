@@ -103,6 +103,18 @@ def test_training_in_reduced_precision_follows_fp32(tmp_path: Path, precision: s
     assert not torch.equal(reduced_update, fp32_update)  # autocast did run in the reduced precision
 
 
+def test_deterministic_training_on_the_accelerator_repeats_bitwise(tmp_path: Path) -> None:
+    """--deterministic on the accelerator: every kernel a deterministic one, and on CUDA cuBLAS with
+    its workspace fixed, which the run sets (PyTorch raises at the first matmul otherwise). Two
+    runs end with the same weights, bit for bit."""
+    runs = tmp_path / "runs"
+    common = [*EXACT, "--device", ACCELERATOR, "--deterministic", "--micro-batch-size", "8"]
+    for name in ("first", "second"):
+        assert run_train.main(tiny_train_args(runs, *common, "--run-name", name)) == 0
+    first, second = final_weights(runs / "first"), final_weights(runs / "second")
+    assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)
+
+
 def test_compiled_model_on_the_accelerator_matches_eager() -> None:
     """torch.compile on the accelerator (Triton on CUDA): the plain Proxy Norm formula it compiles
     gives the eager model's values and gradients."""

@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -513,6 +514,28 @@ def test_resume_replaces_the_metrics_of_steps_trained_again(tiny_args, tmp_path:
     assert records() == straight
     rows = (run / "metrics.csv").read_text().splitlines()
     assert [row.split(",")[:4] for row in rows] == [row.split(",")[:4] for row in straight_rows]
+
+
+def test_deterministic_kernels_for_the_run_only(tiny_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--deterministic turns PyTorch's deterministic algorithms on for the run, with cuBLAS's
+    workspace fixed (CUDA refuses them without), and gives an in-process caller its own setting
+    back. On the CPU, whose kernels are deterministic already, it trains as the default run does."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset")  # (so that teardown removes what the run sets)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    during = []
+    real_validate = run_train.validate
+    monkeypatch.setattr(run_train, "validate",
+                        lambda *a: during.append(torch.are_deterministic_algorithms_enabled()) or real_validate(*a))
+    assert run_train.main(tiny_args("--deterministic", "--run-name", "deterministic")) == 0
+    assert during and all(during)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    during.clear()
+    assert run_train.main(tiny_args("--run-name", "default")) == 0
+    assert during and not any(during)
+    runs = tmp_path / "runs"
+    deterministic, default = (load_file(runs / name / "model.safetensors") for name in ("deterministic", "default"))
+    assert all(torch.equal(deterministic[name], default[name]) for name in default)
 
 
 @pytest.mark.parametrize("extra, averages, note", [
