@@ -143,15 +143,11 @@ def test_two_stages_times_two_replicas(runs: Path) -> None:
 
 
 def test_channels_last_pipeline_and_replicas_match_one_process(runs: Path) -> None:
-    """channels_last (the demo's layout): stage boundaries must cross in a layout point-to-point
-    accepts, and replicas must train without DDP's gradient-stride warning; the results equal one
-    process's. Then the demo's bf16 + channels_last through a pipeline, against one process."""
+    """channels_last (the demo's layout): replicas must train without DDP's gradient-stride
+    warning, and equal one process. Then the demo's bf16 + channels_last through a pipeline, whose
+    stage boundaries must cross in a layout point-to-point accepts, against one process."""
     cl = [*EXACT, "--channels-last", "true"]
     assert run_train.main(tiny_train_args(runs, *cl, "--micro-batch-size", "8", "--run-name", "whole")) == 0
-    pipe = torchrun(2, tiny_train_args(runs, *cl, "--micro-batch-size", "4", "--gradient-accumulation", "2",
-                                       "--pipeline-splits", "blocks.3", "--run-name", "pipe"))
-    assert pipe.returncode == 0, pipe.stderr[-3000:]
-    assert_same_weights(final_weights(runs / "whole"), final_weights(runs / "pipe"), atol=1e-5)
     ddp = torchrun(2, tiny_train_args(runs, *cl, "--micro-batch-size", "4", "--replicas", "2", "--run-name", "ddp"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "Grad strides do not match" not in ddp.stderr

@@ -458,7 +458,7 @@ def test_a_log_without_progress_bars_gets_a_line_every_n_steps(tiny_args, capsys
             assert re.search(figure, last).group() == re.search(figure, summary).group(), (last, summary)
         assert re.search(r"lr \d\.\d{3}e[-+]\d\d$", last)
     for flag in ("0", "100"):  # none, or fewer steps than N
-        assert run_train.main(tiny_args("--log-every", flag, "--run-name", f"n{flag}")) == 0
+        assert run_train.main(tiny_args("--log-every", flag, "--epochs", "1", "--run-name", f"n{flag}")) == 0
         assert " step " not in capsys.readouterr().err
 
 
@@ -526,12 +526,13 @@ def test_deterministic_kernels_for_the_run_only(tiny_args, tmp_path: Path, monke
     real_validate = run_train.validate
     monkeypatch.setattr(run_train, "validate",
                         lambda *a: during.append(torch.are_deterministic_algorithms_enabled()) or real_validate(*a))
-    assert run_train.main(tiny_args("--deterministic", "--run-name", "deterministic")) == 0
+    short = ["--epochs", "1", "--fine-tune-epochs", "0"]
+    assert run_train.main(tiny_args(*short, "--deterministic", "--run-name", "deterministic")) == 0
     assert during and all(during)
     assert not torch.are_deterministic_algorithms_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     during.clear()
-    assert run_train.main(tiny_args("--run-name", "default")) == 0
+    assert run_train.main(tiny_args(*short, "--run-name", "default")) == 0
     assert during and not any(during)
     runs = tmp_path / "runs"
     deterministic, default = (load_file(runs / name / "model.safetensors") for name in ("deterministic", "default"))
