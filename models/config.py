@@ -142,6 +142,19 @@ class EfficientNetConfig:
     # one more forward pass of the blocks (the original application's recomputation checkpoints)
     grad_checkpointing: bool = False  # refused with BatchNorm (see EfficientNet.set_grad_checkpointing)
 
+    def __post_init__(self) -> None:
+        """Refuse sizes that would build a broken network (zero-width layers, a division by zero at
+        initialisation, drop rates that are not probabilities) with the option's name."""
+        checks = [("width", self.width > 0, "> 0"), ("depth", self.depth > 0, "> 0"),
+                  ("group_size", self.group_size >= 1, ">= 1"), ("expand_ratio", self.expand_ratio >= 1, ">= 1"),
+                  ("se_ratio", 0 < self.se_ratio <= 1, "in (0, 1]"), ("num_classes", self.num_classes >= 1, ">= 1"),
+                  ("in_channels", self.in_channels >= 1, ">= 1"),
+                  ("stochastic_depth", 0 <= self.stochastic_depth < 1, "in [0, 1)"),
+                  ("dropout", 0 <= self.dropout < 1, "in [0, 1)")]
+        for name, ok, wanted in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {wanted}, got {getattr(self, name)}")
+
     @classmethod
     def from_name(cls, name: str, **overrides: object) -> EfficientNetConfig:
         if name not in FAMILY:

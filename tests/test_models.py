@@ -313,6 +313,13 @@ def test_unknown_options_are_refused() -> None:
         create_model("efficientnet-b0", norm="batch", proxy_norm=True)
     with pytest.raises(ValueError, match="does not divide"):
         create_model("efficientnet-b0", norm="group", norm_groups=7)
+    # sizes that built a broken network (zero-width layers, a division by zero at initialisation,
+    # drop rates that are not probabilities) are refused by name, as the CLI's checks refuse them
+    for option, value, wanted in [("width", 0.0, "> 0"), ("depth", -1.0, "> 0"), ("expand_ratio", 0, ">= 1"),
+                                  ("num_classes", 0, ">= 1"), ("se_ratio", 0.0, "in \\(0, 1\\]"),
+                                  ("stochastic_depth", -0.1, "in \\[0, 1\\)"), ("dropout", float("nan"), "in")]:
+        with pytest.raises(ValueError, match=f"^{option} must be {wanted}"):
+            create_model("efficientnet-b0", **{option: value})
 
 
 def test_norm_eps_defaults() -> None:
