@@ -4,6 +4,7 @@ outputs are written, bad input is refused clearly."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torchvision.transforms.v2.functional import to_pil_image
 
 import run_train
 import run_validate
@@ -28,10 +30,10 @@ from datasets import (
     make_loader,
 )
 from training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from training.config import ConfigError
+from training.config import ConfigError, named_config
 from training.evaluate import evaluate
 from training.measure import inference_throughput
-from training.trained import load_trained_model, load_weights
+from training.trained import eval_preprocessing, load_trained_model, load_weights
 
 
 @pytest.fixture(scope="module")
@@ -230,14 +232,24 @@ def test_throughput_is_eval_mode_no_grad_and_excludes_warmup() -> None:
     assert result["images_per_s"] == pytest.approx(4 / result["median_batch_s"])
 
 
+def test_eval_preprocessing_takes_the_models_resolution_where_the_config_leaves_it_unset() -> None:
+    """The named ImageNet configs leave --resolution unset (the model's own): the preprocessing of
+    their runs' weights crops at the model's resolution (B2: 260 px), with the config's crop and resize."""
+    cfg = dataclasses.replace(named_config("efficientnet-b2-g16-gn"), crop_pct=1.0, interpolation="bicubic")
+    assert cfg.resolution is None
+    image = to_pil_image(torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8))
+    prepared = eval_preprocessing(cfg)(image)
+    assert prepared.shape == (3, 260, 260)
+    assert torch.equal(prepared, eval_transform(260, 1.0, "bicubic")(image))
+
+
 def test_trained_model_loads_in_python_and_scores_as_the_run_did(trained_run: Path, tmp_path: Path) -> None:
     """`load_trained_model`, for users of the weights outside the CLIs: the exported model
     scores on the validation set what the run reported for it, and a checkpoint gives each of its
     weight sets."""
     model, cfg = load_trained_model(trained_run / "model.safetensors")
     assert not model.training and cfg.model == "efficientnet-b0"
-    val = ImageFolderDataset(DEMO_ROOT / "validation", eval_transform(cfg.resolution, cfg.crop_pct),
-                             check_classes(DEMO_ROOT))
+    val = ImageFolderDataset(DEMO_ROOT / "validation", eval_preprocessing(cfg), check_classes(DEMO_ROOT))
     loader = make_loader(val, 64, SeededSampler(len(val), 0, shuffle=False), 0)
     reported = json.loads((trained_run / "final.json").read_text())
     assert evaluate(model, loader, torch.device("cpu"))["top1"] == pytest.approx(reported["top1"], abs=1e-6)
@@ -298,7 +310,7 @@ def test_a_validation_folder_alone_is_labelled_by_the_class_names_saved_with_the
 
     # the reference: each image through the model by hand, against its own class's output
     model, cfg = load_trained_model(weights)
-    transform = eval_transform(cfg.resolution, cfg.crop_pct)
+    transform = eval_preprocessing(cfg)
     images, labels = [], []
     for name in ("3", "7"):
         for path in sorted((subset / "val" / name).iterdir()):

@@ -1,8 +1,9 @@
 """What a run leaves behind, loaded back: a checkpoint (.pt) or exported weights (.safetensors)
 as (config, weights), or as a ready model.
 
-    from training.trained import load_trained_model, load_weights
+    from training.trained import eval_preprocessing, load_trained_model, load_weights
     model, cfg = load_trained_model("runs/demo-20261125-223620/model.safetensors")
+    logits = model(eval_preprocessing(cfg)(image).unsqueeze(0))  # image: a PIL image
     cfg, state, classes = load_weights("runs/demo-20261125-223620/model.safetensors")  # classes[i]: output i's
 
 Checkpoints load with `weights_only=True` and safetensors hold no code, so neither runs anything.
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from datasets import eval_transform
 from models import EfficientNet, create_model
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import ConfigError, TrainConfig, from_dict, model_overrides
+from .config import ConfigError, TrainConfig, from_dict, model_overrides, native_resolution
 
 # --weights choice → the checkpoint entry holding those weights
 WEIGHTS = {"raw": "model", "ema": "ema", "averaged": "epoch_average"}
@@ -99,6 +101,13 @@ def model_from_weights(cfg: TrainConfig, state: dict[str, torch.Tensor], source:
 
 def load_trained_model(path: str | Path, weights: str = "raw") -> tuple[EfficientNet, TrainConfig]:
     """(model in eval mode on the CPU, its training config) from a checkpoint or exported weights.
-    The config says how to preprocess: `datasets.eval_transform(resolution, cfg.crop_pct, cfg.interpolation)`."""
+    `eval_preprocessing(cfg)` prepares images as the run's validation did."""
     cfg, state, _ = load_weights(path, weights)
     return model_from_weights(cfg, state, path), cfg
+
+
+def eval_preprocessing(cfg: TrainConfig):
+    """The run's test-time transform of a PIL image: resize, centre crop at the test resolution,
+    normalise. The resolution is the model's own where the config leaves it unset, as the named
+    ImageNet configs do (`cfg.resolution` is then None)."""
+    return eval_transform(native_resolution(cfg), cfg.crop_pct, cfg.interpolation)
