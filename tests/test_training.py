@@ -986,8 +986,14 @@ def test_wandb_gets_every_record_offline_unless_a_key_is_set(tiny_args, tmp_path
     assert len(fake.logged) == len(records) and fake.finished == 1
     for (values, step), record in zip(fake.logged, records):  # the numbers of each record, at its step
         assert step == record.get("step")
-        assert values == {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        if record["event"] == "validation":  # each set of weights validated at the last step: keys of its own
+            numbers = {(k if k == "step" else f"{record['weights']}/{k}"): v for k, v in numbers.items()}
+        assert values == numbers
     assert any("val_top1" in values for values, _ in fake.logged)
+    finals = [values for values, _ in fake.logged if "final/top1" in values]
+    assert len(finals) == 1 and finals[0]["final/top1"] == json.loads((run_dir / "final.json").read_text())["top1"]
+    assert any("averaged/top1" in values for values, _ in fake.logged)
 
 
 def test_a_resumed_run_continues_its_wandb_run(tiny_args, tmp_path: Path, monkeypatch) -> None:

@@ -66,7 +66,7 @@ class MetricsLog:
                 return self._failed(self.csv_path, error)
         if self.wandb is not None:
             try:
-                self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+                self.wandb.log(wandb_values(record), step=record.get("step"))
             except Exception as error:  # noqa: BLE001 - tracking must never stop training
                 print(f"warning: wandb logging failed, continuing without it: {error}", file=sys.stderr)
                 self.wandb = None
@@ -138,3 +138,13 @@ def _wandb_run_id(run_dir: Path) -> str:
     run_id = secrets.token_hex(8)
     atomic_write(path, lambda handle: handle.write(run_id.encode()))
     return run_id
+
+
+def wandb_values(record: dict) -> dict[str, int | float]:
+    """The numbers of a record, as W&B gets them. A run validates several sets of weights at its
+    last step (the EMA, the epoch average, the final ones): each gets keys of its own
+    (`final/top1`), where one `top1` would keep only the last of them at that step."""
+    values = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+    if record.get("event") == "validation":
+        values = {(k if k == "step" else f"{record['weights']}/{k}"): v for k, v in values.items()}
+    return values
