@@ -524,7 +524,11 @@ def check_mode_options(args: BenchmarkConfig, arguments: list[str]) -> None:
 
     def field_of(token: str) -> str:  # argparse also takes a unique prefix: --resol for --resolution
         key = token[2:].split("=", 1)[0].replace("-", "_")
-        return key if key in names else next((n for n in names if n.startswith(key)), key)
+        for candidate in (key, key.removeprefix("no").lstrip("_")):  # --nodraft: simple-parsing's false
+            match = candidate if candidate in names else next((n for n in names if n.startswith(candidate)), None)
+            if match:
+                return match
+        return key
 
     given = {field_of(a) for a in arguments if a.startswith("--")}
     if args.mode == "data":

@@ -98,6 +98,7 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
                               "a row's resolution is CONFIG@RES"),
     (["--mode", "inference", "--workers", "2", "--draft", "false"], "--workers, --draft: read only by --mode data"),
     (["--resol", "224"], "--resolution: read only by --mode data"),  # argparse's abbreviation of the option
+    (["--nodraft"], "--draft: read only by --mode data"),  # simple-parsing's false of a bool option
     (["--mode", "data", "--compare", "demo", "--rounds", "3"], "--compare, --rounds: not read by --mode data"),
     (["--mode", "data", "--data-path", ".", "--jpegs", "10"], "--jpegs: not read with --data-path"),
     # options a row's step is not built from are refused, not silently ignored
