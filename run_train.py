@@ -89,6 +89,7 @@ from training.mixing import BatchMixer
 from training.optim import LRSchedule, optimizer_from_config, parameter_groups
 from training.out_of_memory import allocation_failed, is_out_of_memory
 from training.run_dir import RunLock, locate_run, remove_if_empty, write_config
+from training.trained import eval_preprocessing
 
 
 class TrainingError(Exception):
@@ -325,7 +326,7 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     # ---- data (the class list decides the classifier size)
     native = native_resolution(cfg)
     val_set = open_dataset(cfg, "validation", native)
-    set_preprocessing(val_set, native, eval_transform(native, cfg.crop_pct, cfg.interpolation))
+    set_preprocessing(val_set, native, eval_preprocessing(cfg))  # as the exported weights are prepared
     num_classes = cfg.num_classes or len(val_set.classes)
     if num_classes < len(val_set.classes):  # the labels of the last folders would be out of the classifier's range
         raise ConfigError(f"--num-classes {num_classes} is fewer than the {len(val_set.classes)} classes of the data: "

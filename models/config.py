@@ -144,9 +144,10 @@ class EfficientNetConfig:
 
     def __post_init__(self) -> None:
         """Refuse sizes that would build a broken network (zero-width layers, a division by zero at
-        initialisation, drop rates that are not probabilities) with the option's name."""
+        initialisation, drop rates that are not probabilities) with the option's name. (group_size:
+        `spatial_conv_groups` refuses it.)"""
         checks = [("width", self.width > 0, "> 0"), ("depth", self.depth > 0, "> 0"),
-                  ("group_size", self.group_size >= 1, ">= 1"), ("expand_ratio", self.expand_ratio >= 1, ">= 1"),
+                  ("expand_ratio", self.expand_ratio >= 1, ">= 1"),
                   ("se_ratio", 0 < self.se_ratio <= 1, "in (0, 1]"), ("num_classes", self.num_classes >= 1, ">= 1"),
                   ("in_channels", self.in_channels >= 1, ">= 1"),
                   ("stochastic_depth", 0 <= self.stochastic_depth < 1, "in [0, 1)"),
