@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import run_train
+import run_validate
 from conftest import ROOT, run_cli, run_clis, run_main, tiny_train_args
 from models import create_model
 from training.checkpoint import is_epoch_end, list_checkpoints, load_checkpoint
@@ -573,6 +574,12 @@ def test_the_final_weights_are_validated_once(extra, averages, note, tiny_args, 
         assert [final[key] for key in keys] == reused
         assert f"validation (final weights: {note}, validated above)" in capsys.readouterr().err
     assert json.loads((run / "final.json").read_text())["top1"] == final["top1"]
+    if "ema" in averages:  # what was validated as "ema" is the EMA the checkpoint holds, scored by run_validate
+        prefix = tmp_path / "ema-sweep"
+        assert run_validate.main(["--checkpoint", str(list_checkpoints(run)[-1]), "--weights", "ema", "--progress",
+                                  "false", "--timed-batches", "1", "--output-prefix", str(prefix)]) == 0
+        swept = json.loads(Path(f"{prefix}.json").read_text())[0]
+        assert (swept["top1"], swept["loss"]) == pytest.approx((validations["ema"]["top1"], validations["ema"]["loss"]))
     if "--half-res-training" not in extra:  # the exported weights are the average the run went on from
         last = load_checkpoint(list_checkpoints(run)[-1])
         average = last["epoch_average" if "averaged" in averages else "ema"]
