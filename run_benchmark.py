@@ -9,7 +9,7 @@ The first row is run once untimed before anything is measured (a process's first
 A row is CONFIG[@RES][+fp32|+bf16|+fp16][+cl|+nocl][+compile|+nocompile][+KEY=VALUE…] or
 timm:MODEL[@RES] with the same flags but no KEY=VALUE. KEY is a run_train option of the model, its
 optimizer or its loss (e.g. proxy_norm=false); one that changes nothing a row times, such as
-micro_batch_size, is refused. Precision, memory format and compile default to the config's
+micro_batch_size, is refused, as is a setting given twice (+bf16+fp16, @224+resolution=160). Precision, memory format and compile default to the config's
 (+compile+compile_mode=reduce-overhead picks torch.compile's mode, as --compile-mode does). Each row
 runs warm-up steps (not timed), then timed steps each synchronised and timed alone; the median is
 reported with GMACs per image, achieved GFLOP/s (a training step counted as 3 forward passes),
@@ -121,15 +121,26 @@ def parse_row(spec: str) -> Row:
     if name.startswith("timm:"):
         row.timm_model = name[5:]
         row.resolution = row.resolution or 224
+    given: dict[str, str] = {"resolution": f"@{res}"} if res else {}  # setting -> the flag that set it
+
+    def setting(key: str, flag: str) -> None:  # one setting set twice (+bf16+fp16, @224+resolution=160) is refused
+        if key in given:
+            raise ConfigError(f"row {spec!r}: {given[key]} and {flag} both set {key}: give it once")
+        given[key] = flag
+
     for flag in flags:
         if flag in ("bf16", "fp16", "fp32"):
+            setting("precision", flag)
             row.precision = flag
         elif flag in ("cl", "nocl"):
+            setting("channels_last", flag)
             row.channels_last = flag == "cl"
         elif flag in ("compile", "nocompile"):
+            setting("compile", flag)
             row.compile = flag == "compile"
         elif "=" in flag:
             key, value = flag.split("=", 1)
+            setting(key, flag)
             row.overrides[key] = _parse_value(value)
         else:
             raise ConfigError(f"row {spec!r}: unknown flag {flag!r} (fp32, bf16, fp16, cl, nocl, compile, "
@@ -556,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--batch-size, --timed-steps and --rounds must be at least 1, --warmup-steps at least 0")
         if not args.round_time_limit >= 0:  # nan too
             raise ConfigError(f"--round-time-limit must be a number of seconds, 0 or more, got {args.round_time_limit}")
+        if args.num_classes < 1:
+            raise ConfigError(f"--num-classes must be at least 1, got {args.num_classes}")
         if args.threads is not None and args.threads < 1:
             raise ConfigError(f"--threads must be at least 1 (leave it out for PyTorch's default), got {args.threads}")
         if args.profile_calls < 0 or args.profile_rows < 1:

@@ -78,6 +78,12 @@ def test_compare_prints_a_row_per_variant_with_ratios(capsys: pytest.CaptureFixt
     (["--compare", "demo@0"], "row 'demo@0': resolution after @ must be at least 16 pixels"),
     (["--compare", "timm:efficientnet_b0@8"], "resolution after @ must be at least 16 pixels"),
     (["--compare", "demo+float8"], "unknown flag 'float8'"),
+    # a setting given twice was last-wins (and @RES beat +resolution=) without a word
+    (["--compare", "demo+bf16+fp16"], "row 'demo+bf16+fp16': bf16 and fp16 both set precision: give it once"),
+    (["--compare", "demo+cl+channels_last=false"], "cl and channels_last=false both set channels_last"),
+    (["--compare", "demo@64+resolution=32"], "@64 and resolution=32 both set resolution"),
+    (["--compare", "timm:efficientnet_b0+compile+nocompile"], "compile and nocompile both set compile"),
+    (["--num-classes", "0"], "--num-classes must be at least 1, got 0"),  # was a traceback from the model
     # refused before the matmul peak is measured, not as a traceback when the row is built
     (["--compare", "demo", "no-such-config"], "unknown config 'no-such-config'"),
     (["--compare", "demo", "demo+norm=group+norm_groups=7"], "the model of this config cannot be built: norm_groups=7"),
