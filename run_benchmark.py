@@ -9,14 +9,14 @@ The first row is run once untimed before anything is measured (a process's first
 A row is CONFIG[@RES][+fp32|+bf16|+fp16][+cl|+nocl][+compile|+nocompile][+KEY=VALUE…] or
 timm:MODEL[@RES] with the same flags but no KEY=VALUE. KEY is a run_train option of the model, its
 optimizer or its loss (e.g. proxy_norm=false); one that changes nothing a row times, such as
-micro_batch_size, is refused, as is a setting given twice (+bf16+fp16, @224+resolution=160). Precision, memory format and compile default to the config's
-(+compile+compile_mode=reduce-overhead picks torch.compile's mode, as --compile-mode does). Each row
-runs warm-up steps (not timed), then timed steps each synchronised and timed alone; the median is
-reported with GMACs per image, achieved GFLOP/s (a training step counted as 3 forward passes),
-that as a share of this machine's matmul peak (measured here first), and peak memory per image
-(n/a for compiled rows on CPU, where it is counted by a dispatch mode that runs the eager code),
-and the ATen operators a step runs, views excluded (on a GPU, about its kernel launches; n/a for
-compiled rows).
+micro_batch_size, is refused, as is a setting given twice (+bf16+fp16, @224+resolution=160).
+Precision, memory format and compile default to the config's (+compile+compile_mode=reduce-overhead
+picks torch.compile's mode, as --compile-mode does). Each row runs warm-up steps (not timed), then
+timed steps each synchronised and timed alone; the median is reported with GMACs per image, achieved
+GFLOP/s (a training step counted as 3 forward passes), that as a share of this machine's matmul peak
+(measured here first), and peak memory per image (n/a for compiled rows on CPU, where it is counted
+by a dispatch mode that runs the eager code), and the ATen operators a step runs, views excluded (on
+a GPU, about its kernel launches; n/a for compiled rows).
 Ratios are against the first row. `--rounds N` builds all rows first and cycles through them N
 times, so that a shared machine's drift falls on every row alike; a "per round" column then shows
 the lowest and highest ratio of one round's medians, the noise left on the ratio.
