@@ -344,6 +344,9 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path, capsys) -> Non
         (["--config", "demo", "--optimizer", "sgd", "--momentum", "0", "--nesterov"], "got --optimizer sgd --momentum 0"),
         (["--config", "demo", "--device", "mps"], "--device 'mps' is not a device"),  # (torch parses it; we don't run it)
         (["--config", "demo", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
+        (["--config", "demo", "--momentum", "1.5"], "--momentum must be at least 0 and below 1, got 1.5"),
+        (["--config", "demo", "--seed", str(2**32)], f"--seed must be from 0 to {2**32 - 1}, got {2**32}"),
+        (["--config", "demo", "--seed", "-1"], "--seed must be from 0 to"),
     ]
     for args, needle in cases:
         code, stderr = run_main(run_train.main, [*args, "--output-dir", str(tmp_path / "runs")], capsys)

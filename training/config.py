@@ -155,11 +155,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 POSITIVE_INTS = ("micro_batch_size", "gradient_accumulation", "replicas", "group_size", "expand_ratio", "norm_groups")
 NON_NEGATIVE = ("epochs", "workers", "fine_tune_epochs", "checkpoint_every_steps", "keep_epoch_checkpoints", "log_every",
-                "validate_every", "warmup_epochs", "mixup_alpha", "weight_decay", "proxy_weight_decay", "momentum",
+                "validate_every", "warmup_epochs", "mixup_alpha", "weight_decay", "proxy_weight_decay",
                 "skip_nonfinite_steps")
 UNIT_INTERVAL = ("hflip",)  # [0, 1]
 BELOW_ONE = ("ema_decay", "epoch_average_decay", "label_smoothing", "dropout", "stochastic_depth",  # [0, 1)
-             "rmsprop_decay")
+             "rmsprop_decay", "momentum")  # momentum 1 or more: each step's updates grow without end
+SEEDS = 2**32  # seeds are 0 ... 2**32 - 1, as numpy's; the sampler derives larger ones from them
 POSITIVE = ("width", "depth", "norm_eps", "lr_decay", "lr_decay_epochs", "optimizer_eps")  # > 0 (None: default)
 
 
@@ -314,6 +315,8 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not value > 0:
             raise ConfigError(f"{option(name)} must be positive, got {value}")
+    if not 0 <= cfg.seed < SEEDS:  # (a larger one overflowed the sampler's seed in the first epoch)
+        raise ConfigError(f"--seed must be from 0 to {SEEDS - 1}, got {cfg.seed}")
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile true")
     if cfg.run_name is not None and (cfg.run_name in ("", ".", "..") or "/" in cfg.run_name or "\\" in cfg.run_name):
