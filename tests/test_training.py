@@ -656,6 +656,23 @@ def test_config_file_extends_named_configs_and_is_checked(tmp_path: Path) -> Non
             parse_args(["--config", str(mine)])
     with pytest.raises(ConfigError, match="config file not found"):
         parse_args(["--config", str(tmp_path / "missing.yml")])
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match="folder.yaml is a folder: give a YAML file of options"):
+        parse_args(["--config", str(tmp_path / "folder.yaml")])
+    with pytest.raises(ConfigError, match="not a name in configs.yml, and a file of options must end in .yaml"):
+        parse_args(["--config", str(tmp_path)])  # (a run folder, say)
+    mine.write_bytes(b"\xff\xfeepochs: 3\n")  # (a UTF-16 file, say)
+    with pytest.raises(ConfigError, match="mine.yaml is not UTF-8 text"):
+        parse_args(["--config", str(mine)])
+    # `config: NAME` starts from NAME's options, as --config NAME does (it was a label only: a B0 ran);
+    # PyYAML reads 1e-3 as a string (YAML 1.1 floats need a dot): a float option takes it as a number
+    mine.write_text("config: efficientnet-b2-g16-gn\nepochs: 30\nlr: 1e-3\nlr_decay: 9.5E-1\n")
+    cfg = parse_args(["--config", str(mine)])
+    assert (cfg.model, cfg.norm, cfg.epochs, cfg.lr, cfg.lr_decay) == ("efficientnet-b2", "group", 30, 1e-3, 0.95)
+    assert cfg.config == "efficientnet-b2-g16-gn"
+    mine.write_text("epochs: 1e2\n")  # not for an integer option
+    with pytest.raises(ConfigError, match="option 'epochs' must be an integer, got '1e2'"):
+        parse_args(["--config", str(mine)])
 
 
 def test_run_folder_is_never_overwritten(tiny_args, tmp_path: Path) -> None:

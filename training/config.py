@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import sys
 import types
 import typing
@@ -183,10 +184,12 @@ def close_matches(word: str, candidates: list[str]) -> str:
 def read_yaml(path: Path) -> object:
     """A YAML file's data (safe_load: plain data only), with a ConfigError naming the file."""
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             return yaml.safe_load(handle)
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
 
@@ -234,12 +237,21 @@ def resolve_config(name: str, path: Path = CONFIGS_FILE) -> dict[str, object]:
 def config_from_file(path: Path) -> TrainConfig:
     """`--config FILE.yaml`: a file of options, such as a run folder's `config.yaml` (to run that
     run again) or one of the user's own, which may name configs of configs.yml in `inherits`."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: give a YAML file of options, such as a run folder's "
+                          f"config.yaml")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must map options to values (e.g. `model: efficientnet-b0`)")
-    parents = data.pop("inherits", [])
+    parents = data.pop("inherits", None)
+    if parents is None and data.get("config") in config_names():
+        # `config: NAME` reads as `--config NAME` does: NAME's options, then the file's (it was a label
+        # only, so `config: efficientnet-b2-g16-gn` + `epochs: 10` trained a B0). A run folder's
+        # config.yaml sets every option, so there the name changes nothing.
+        parents = data["config"]
+    parents = [] if parents is None else parents
     values: dict[str, object] = {}
     for parent in [parents] if isinstance(parents, str) else parents:
         values.update(resolve_config(str(parent)))
@@ -267,11 +279,18 @@ def _type_ok(value: object, annotation: object) -> bool:
     return isinstance(value, annotation)  # type: ignore[arg-type]
 
 
+# YAML 1.1's floats, which PyYAML reads, need a dot: it reads `lr: 1e-3` as the string '1e-3'
+EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def make_config(values: dict[str, object], source: str = "config") -> TrainConfig:
     hints = typing.get_type_hints(TrainConfig)
+    values = dict(values)
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"{source}: unknown option {key!r}{close_matches(key, list(hints))}")
+        if isinstance(value, str) and EXPONENT_FLOAT.fullmatch(value) and _type_ok(1.5, hints[key]):
+            values[key] = value = float(value)  # a float option, written as YAML 1.2 and Python write it
         if not _type_ok(value, hints[key]):
             raise ConfigError(f"{source}: option {key!r} must be {_describe(hints[key])}, got {value!r}")
     cfg = TrainConfig(**{k: float(v) if hints[k] is float else v for k, v in values.items()})  # type: ignore[arg-type]
@@ -479,6 +498,9 @@ def named_config(name: str) -> TrainConfig:
     """`--config`'s value as a config: a name in configs.yml, or a YAML file (.yaml, .yml)."""
     if name.endswith((".yaml", ".yml")):
         return config_from_file(Path(name).expanduser())
+    if name not in load_config_file() and Path(name).expanduser().exists():
+        raise ConfigError(f"--config {name}: not a name in {CONFIGS_FILE.name}, and a file of options must end in "
+                          f".yaml or .yml (a run folder's config.yaml, say)")
     return make_config(resolve_config(name), f"config {name!r}")
 
 
