@@ -111,6 +111,11 @@ class NormConfig:
             raise ValueError("proxy_norm needs a batch-independent norm: use norm='group' or 'layer'")
         if self.groups < 1:
             raise ValueError(f"norm_groups must be >= 1, got {self.groups}")
+        for name, value in (("norm_eps", self.eps), ("proxy_eps", self.proxy_eps)):
+            if value is not None and not value > 0:  # (the square root of a variance of 0 would divide by 0)
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.proxy_quantiles < 1:
+            raise ValueError(f"proxy_quantiles must be >= 1, got {self.proxy_quantiles}")
 
     @property
     def resolved_eps(self) -> float:
@@ -159,7 +164,9 @@ class EfficientNetConfig:
     @classmethod
     def from_name(cls, name: str, **overrides: object) -> EfficientNetConfig:
         if name not in FAMILY:
-            raise ValueError(f"unknown model {name!r}; known: {', '.join(FAMILY)}")
+            spelled = name.lower().replace("_", "-")  # torchvision's and timm's efficientnet_b0
+            hint = f" (did you mean {spelled!r}?)" if spelled in FAMILY else ""
+            raise ValueError(f"unknown model {name!r}{hint}; known: {', '.join(FAMILY)}")
         member = FAMILY[name]
         norm_fields = {f.name for f in dataclasses.fields(NormConfig)}
         norm_overrides: dict[str, object] = {}

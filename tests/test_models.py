@@ -305,8 +305,15 @@ def test_stochastic_depth_schedule() -> None:
 def test_unknown_options_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown model"):
         create_model("efficientnet-b9")
+    with pytest.raises(ValueError, match="unknown model 'efficientnet_b2' \\(did you mean 'efficientnet-b2'\\?\\)"):
+        create_model("efficientnet_b2")  # torchvision's and timm's spelling
     with pytest.raises(ValueError, match="unknown model option"):
         create_model("efficientnet-b0", colour="red")
+    for option, value in [("norm_eps", 0.0), ("norm_eps", -1e-3), ("proxy_eps", 0.0)]:  # (were built)
+        with pytest.raises(ValueError, match=f"^{option} must be > 0, got {value}"):
+            create_model("efficientnet-b0", norm="layer", proxy_norm=True, **{option: value})
+    with pytest.raises(ValueError, match="^proxy_quantiles must be >= 1"):
+        create_model("efficientnet-b0", norm="layer", proxy_norm=True, proxy_quantiles=0)
     with pytest.raises(ValueError, match="norm must be one of"):
         create_model("efficientnet-b0", norm="instance")
     with pytest.raises(ValueError, match="proxy_norm needs"):
