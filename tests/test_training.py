@@ -1074,7 +1074,8 @@ def test_initial_weights_from_a_run_or_its_checkpoint(tmp_path: Path, capsys: py
     exported = load_file(runs / "a" / "model.safetensors")
     checkpoint = list_checkpoints(runs / "a")[-1]
     for name, source, expected in (("b", runs / "a" / "model.safetensors", exported),
-                                   ("c", checkpoint, load_checkpoint(checkpoint)["model"])):
+                                   ("c", checkpoint, load_checkpoint(checkpoint)["model"]),
+                                   ("e", runs / "a", exported)):  # a run folder: its model.safetensors
         args = tiny_train_args(runs, "--epochs", "0", "--run-name", name, "--initial-weights", str(source))
         assert run_train.main(args) == 0
         _same_tensors(load_file(runs / name / "model.safetensors"), expected)
@@ -1149,6 +1150,8 @@ def test_initial_weights_are_checked_before_work_and_not_needed_to_resume(
     assert run_train.main(demo) == 0
     exported = tmp_path / "start.safetensors"
     (runs / "a" / "model.safetensors").rename(exported)
+    assert run_train.main(tiny_train_args(runs, "--run-name", "bad", "--initial-weights", str(runs / "a"))) == 2
+    assert f"--initial-weights {runs / 'a'} is a folder without a model.safetensors" in capsys.readouterr().err
     args = tiny_train_args(runs, "--run-name", "r", "--initial-weights", str(exported))
     assert run_train.main([*args, "--stop-after-steps", "1"]) == 143
     exported.unlink()  # a resume takes its weights from the checkpoint

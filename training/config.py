@@ -50,7 +50,7 @@ class TrainConfig:
     dropout: float | None = None  # classifier dropout (None: the model's own)
     stochastic_depth: float = 0.2  # drop-path rate of the last block
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
-    initial_weights: str | None = None  # start from these weights: a run's model.safetensors or checkpoint, or torchvision's or timm's EfficientNet file (G1-BN); a classifier of another size starts afresh
+    initial_weights: str | None = None  # start from these weights: a run's model.safetensors (or its folder) or checkpoint, or torchvision's or timm's EfficientNet file (G1-BN); a classifier of another size starts afresh
 
     # ---- data
     data: str = "imagenet"  # imagenet | generated | demo

@@ -1,6 +1,6 @@
 """`--initial-weights`: start a run from weights on disk instead of random ones.
 
-The files taken: a run's exported `model.safetensors`, a checkpoint of this application (its raw
+The files taken: a run's exported `model.safetensors` (or its run folder), a checkpoint of this application (its raw
 weights), torchvision's or timm's EfficientNet weights for a G1-BN model (a `.pth`, or timm's
 `model.safetensors`; mapped by `models.external_weights`), and a plain state dict of the model
 (`torch.save(model.state_dict())` or a safetensors file of it). Every tensor must fit the model
@@ -44,7 +44,12 @@ OWN_KINDS = ("a run's exported weights", "a checkpoint's raw weights")
 def read_initial_weights(path: str | Path, option: str = "--initial-weights") -> InitialWeights:
     """The file's weights, loaded with weights_only=True (or from safetensors, which hold no code).
     `option`: the command-line option that named the file, for the error messages."""
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():  # a run folder: the weights it exported (as run_validate and --resume take a folder)
+        if not (path / "model.safetensors").is_file():
+            raise ConfigError(f"{option} {path} is a folder without a model.safetensors (a run that has not "
+                              f"finished?): give the weights file, or one of its checkpoints")
+        path = path / "model.safetensors"
     try:
         if path.suffix == ".safetensors":
             metadata, loaded = read_safetensors(path)
