@@ -74,6 +74,7 @@ from training.config import (
     model_overrides,
     native_resolution,
     needs_fine_tune,
+    option,
     parse_args,
     phase_batches,
     to_dict,
@@ -158,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, state, state_path = find_run(cfg, ctx)
         if state is not None and (run_dir / "final.json").is_file():  # written last: the run is complete
             ctx.print(f"run {run_dir} has already finished: results in final.json, weights in model.safetensors")
+            changed = settings_not_applied(cfg, state, state_path)
+            if changed:  # e.g. --epochs raised to train on: a finished run is not reopened
+                ctx.print(f"note: {', '.join(changed)} not applied to the finished run; to train on from its weights, "
+                          f"start a new run with --initial-weights {run_dir}")
             return 0
         if state is not None:
             cfg = config_for_resume(cfg, state, state_path, ctx.print)
@@ -244,14 +249,18 @@ def config_for_resume(cfg: TrainConfig, state: dict, path: Path, report) -> Trai
             f"{path} was trained with --replicas {saved.replicas} (global batch {global_batch_size(saved)}); "
             f"resuming with --replicas {cfg.replicas} would change the global batch, the LR and the data order "
             f"of the epoch: resume with --replicas {saved.replicas}")
-    ignored = [
-        f"--{f.name.replace('_', '-')}"
-        for f in dataclasses.fields(cfg)
-        if f.name not in RUN_CONTROL and getattr(cfg, f.name) != getattr(saved, f.name)
-    ]
+    ignored = settings_not_applied(cfg, state, path)
     if ignored:
         report(f"warning: resuming with the checkpoint's settings; ignoring {', '.join(ignored)}")
     return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RUN_CONTROL})
+
+
+def settings_not_applied(cfg: TrainConfig, state: dict, path: Path) -> list[str]:
+    """The options, as --names, where the command line differs from the checkpoint's config and a
+    resume keeps the checkpoint's (all but run control)."""
+    saved = from_dict(state["config"], f"config saved in {path}")
+    return [option(f.name) for f in dataclasses.fields(cfg)
+            if f.name not in RUN_CONTROL and getattr(cfg, f.name) != getattr(saved, f.name)]
 
 
 def check_before_work(cfg: TrainConfig) -> None:
@@ -335,8 +344,8 @@ def train(cfg: TrainConfig, ctx: parallel.Context, run_dir: Path, state: dict | 
     val_loader = make_loader(val_set, cfg.micro_batch_size, val_sampler, cfg.workers, device=device)
     train_set = open_dataset(cfg, "train", training_resolution(cfg))
     # each phase's batch against the data, before anything is written (fine-tuning comes after hours of training)
-    for batch, _, option in phase_batches(cfg):
-        steps_per_epoch(cfg, len(train_set), batch, ctx, option)
+    for batch, _, name in phase_batches(cfg):
+        steps_per_epoch(cfg, len(train_set), batch, ctx, name)
 
     # ---- model: the same initial weights on every rank, then a different RNG stream per rank
     torch.manual_seed(cfg.seed)

@@ -812,7 +812,13 @@ def test_resume_uses_checkpoint_settings_and_warns_about_others(tiny_args, tmp_p
     # resuming a finished run does nothing, and says so
     metrics = (tmp_path / "runs" / "w" / "metrics.jsonl").read_text()
     assert run_train.main(tiny_args(*base, "--resume", "auto")) == 0
-    assert "has already finished" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has already finished" in err and "not applied" not in err
+    assert (tmp_path / "runs" / "w" / "metrics.jsonl").read_text() == metrics
+    # ... and says which options it did not apply (more epochs, say), and how to train on
+    assert run_train.main(tiny_args(*base, "--resume", "auto", "--epochs", "9")) == 0
+    assert (f"note: --epochs not applied to the finished run; to train on from its weights, start a new run "
+            f"with --initial-weights {tmp_path / 'runs' / 'w'}") in capsys.readouterr().err
     assert (tmp_path / "runs" / "w" / "metrics.jsonl").read_text() == metrics
 
 
