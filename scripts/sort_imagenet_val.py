@@ -44,6 +44,8 @@ def kaggle_labels(path: Path) -> dict[str, str]:
             if header is None or [name.strip() for name in header[:2]] != ["ImageId", "PredictionString"]:
                 raise LabelError(f"{path} does not start with Kaggle's header 'ImageId,PredictionString'")
             for line, row in enumerate(rows, start=2):
+                if not any(field.strip() for field in row):  # a blank line (one left at the end, say)
+                    continue
                 wnid = row[1].split()[0] if len(row) >= 2 and row[1].split() else ""
                 if not WNID.fullmatch(wnid):
                     raise LabelError(f"{path}, line {line}: no WordNet ID (nXXXXXXXX) at the start of {row[1:2]}")

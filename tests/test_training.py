@@ -730,11 +730,11 @@ def test_imagenet_validation_images_are_sorted_into_class_folders(tmp_path: Path
     wnids = ["n01440764", "n01443537", "n01440764", "n09999999", "n01443537"]
     solution = val / "LOC_val_solution.csv"  # (beside the images, as unpacked: not an image, left alone)
     solution.write_text("ImageId,PredictionString\n" + "".join(
-        f"{Path(name).stem},{wnid} 1 2 30 40 {wnid} 5 6 7 8 \n" for name, wnid in zip(names, wnids)))
+        f"{Path(name).stem},{wnid} 1 2 30 40 {wnid} 5 6 7 8 \n" for name, wnid in zip(names, wnids)) + "\n")  # a blank last line
     bad_header = tmp_path / "bad.csv"
     bad_header.write_text("id,label\n")
     unlabelled = tmp_path / "short.csv"
-    unlabelled.write_text("".join(solution.read_text().splitlines(keepends=True)[:-1]))
+    unlabelled.write_text("".join(solution.read_text().splitlines(keepends=True)[:-2]))  # (the last row, blank line)
     for labels, message in [(bad_header, "does not start with Kaggle's header"),
                             (unlabelled, "1 image(s) in")]:
         assert sort_imagenet_val.main([str(val), "--labels", str(labels)]) == 2
