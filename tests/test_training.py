@@ -804,6 +804,11 @@ def test_resume_uses_checkpoint_settings_and_warns_about_others(tiny_args, tmp_p
     base = ["--fine-tune-epochs", "0", "--run-name", "w"]
     assert run_train.main(tiny_args(*base, "--stop-after-steps", "3")) == 143
     capsys.readouterr()
+    # a checkpoint resumes in its own run folder: another --run-name was ignored without a word
+    stopped = list_checkpoints(tmp_path / "runs" / "w")[-1]
+    assert run_train.main(tiny_args("--fine-tune-epochs", "0", "--run-name", "v", "--resume", str(stopped))) == 2
+    assert f"continues the run in its folder {tmp_path / 'runs' / 'w'}, not in --run-name v" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "v").exists()
     assert run_train.main(tiny_args(*base, "--resume", "auto", "--label-smoothing", "0.3")) == 0
     err = capsys.readouterr().err
     assert "ignoring --label-smoothing" in err

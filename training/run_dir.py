@@ -46,6 +46,11 @@ def locate_run(cfg: TrainConfig, report=print) -> tuple[Path, dict | None, Path 
     output_dir = Path(cfg.output_dir).expanduser()
     if cfg.resume and cfg.resume != "auto":
         target = Path(cfg.resume).expanduser()
+        folder = target if target.is_dir() else target.parent
+        if cfg.run_name and cfg.run_name != folder.name:  # it would be ignored: the run goes on in its own folder
+            raise ConfigError(f"--resume {cfg.resume} continues the run in its folder {folder}, not in --run-name "
+                              f"{cfg.run_name}: leave --run-name out, or start a new run from those weights with "
+                              f"--initial-weights {cfg.resume}")
         if target.is_dir():
             found = newest_good_checkpoint(target, report)
             if found is None:
