@@ -303,10 +303,6 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
     # the validation folder alone: its class folders are labelled by the names saved with the model
     val_set = open_dataset(cfg, "validation", native_resolution(cfg), num_classes, trained=True,
                            trained_classes=classes)
-    if len(val_set.classes) > num_classes:  # labels past the classifier's outputs
-        raise DataError(f"{source.name} has {num_classes} outputs, but the validation data ({cfg.data}"
-                        f"{' ' + str(cfg.data_path) if cfg.data_path else ''}) has {len(val_set.classes)} classes: "
-                        f"validate on the kind of data the model was trained on")
     for resolution in resolutions:
         started = time.perf_counter()
         set_preprocessing(val_set, resolution, eval_transform(resolution, cfg.crop_pct, cfg.interpolation))

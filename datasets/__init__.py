@@ -71,8 +71,8 @@ def classes_for_model(root: Path, split: str, known: list[str] | None, outputs: 
     `known`: the class folder names the model was trained on, saved with it. The split's folders
     must be among them (a subset is fine: each image keeps its own class's output); for the train
     split (fine-tuning), all of them. Unknown (generated data, a file written before the names were
-    saved): train/'s folders where there is a train/, else the split's own, which must then number
-    the model's `outputs`: with fewer, which output each folder is cannot be told."""
+    saved): train/'s folders where there is a train/, else the split's own, which must number the
+    model's `outputs`: with fewer or more, which output each folder is cannot be told."""
     folder = split_folder(root, split)
     found = find_classes(folder)
     if known is not None:
@@ -87,13 +87,13 @@ def classes_for_model(root: Path, split: str, known: list[str] | None, outputs: 
             raise DataError(f"fine-tuning needs every class the model was trained on; {folder} lacks "
                             f"{len(missing)}: {some_names(missing)}")
         return known
-    if (root / "train").is_dir():
-        return check_classes(root)
-    if len(found) != outputs:
-        raise DataError(f"{folder} has {len(found)} class folders and the model {outputs} outputs, and the model's "
-                        f"file holds no class names to match them by: give a folder with all {outputs} classes, or "
-                        f"with the train/ folder it was trained on beside it")
-    return found
+    classes, where = (check_classes(root), split_folder(root, "train")) if (root / "train").is_dir() else (found, folder)
+    if len(classes) != outputs:  # (output i would be scored as the i-th folder, whatever class it is)
+        remedy = ("give the data it was trained on" if where != folder else f"give a folder with all {outputs} "
+                  f"classes, or with the train/ folder it was trained on beside it")
+        raise DataError(f"{where} has {len(classes)} class folders and the model {outputs} outputs, and the model's "
+                        f"file holds no class names to match them by: {remedy}")
+    return classes
 
 
 def data_root(kind: str, data_path: str | None) -> Path | None:

@@ -359,15 +359,20 @@ def test_a_validation_folder_alone_needs_every_class_when_no_names_were_saved(tr
     assert code == 2 and "has 9 class folders and the model 10 outputs" in stderr, stderr
 
 
-def test_data_with_more_classes_than_the_model_has_outputs_is_refused(tmp_path: Path) -> None:
-    """A 5-output model validated on the 10 demo classes used to end in an IndexError."""
-    args = tiny_train_args(tmp_path / "runs", "--data", "generated", "--generated-size", "16", "--num-classes", "5",
-                           "--epochs", "1", "--max-steps-per-epoch", "1", "--run-name", "five")
+@pytest.mark.parametrize("outputs", [5, 12])
+def test_data_with_other_classes_than_the_model_has_outputs_is_refused(outputs: int, tmp_path: Path) -> None:
+    """A model trained on generated data (no class names saved) validated on the 10 demo classes:
+    with 5 outputs it used to end in an IndexError; with 12 (or generated data's 1000) it was scored,
+    output i as the i-th folder, on classes it never saw."""
+    args = tiny_train_args(tmp_path / "runs", "--data", "generated", "--generated-size", "16", "--num-classes",
+                           str(outputs), "--epochs", "1", "--max-steps-per-epoch", "1", "--run-name", "gen")
     assert run_train.main(args) == 0
-    result = run_cli("run_validate.py", "--checkpoint", str(tmp_path / "runs" / "five" / "model.safetensors"),
+    result = run_cli("run_validate.py", "--checkpoint", str(tmp_path / "runs" / "gen" / "model.safetensors"),
                      "--data", "demo", "--progress", "false", "--output-prefix", str(tmp_path / "sweep"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "model.safetensors has 5 outputs, but the validation data (demo) has 10 classes" in result.stderr
+    assert (f"demo_data/train has 10 class folders and the model {outputs} outputs, and the model's file holds no "
+            f"class names to match them by: give the data it was trained on") in result.stderr
+    assert not (tmp_path / "sweep.csv").exists()
 
 
 def test_out_of_memory_keeps_the_points_measured_before_it(trained_run: Path, tmp_path: Path, monkeypatch,
