@@ -60,6 +60,7 @@ from training.config import (
     model_overrides,
     native_resolution,
     option,
+    options_given,
     parse_dataclass,
     resolve_config,
 )
@@ -531,17 +532,7 @@ MODEL_MODE_OPTIONS = ("compare", "num_classes", "rounds", "round_time_limit", "w
 def check_mode_options(args: BenchmarkConfig, arguments: list[str]) -> None:
     """Refuse options the chosen mode does not read (a row's resolution, say, is CONFIG@RES, not
     --resolution, which sets the data mode's crop)."""
-    names = [f.name for f in fields(BenchmarkConfig)]
-
-    def field_of(token: str) -> str:  # argparse also takes a unique prefix: --resol for --resolution
-        key = token[2:].split("=", 1)[0].replace("-", "_")
-        for candidate in (key, key.removeprefix("no").lstrip("_")):  # --nodraft: simple-parsing's false
-            match = candidate if candidate in names else next((n for n in names if n.startswith(candidate)), None)
-            if match:
-                return match
-        return key
-
-    given = {field_of(a) for a in arguments if a.startswith("--")}
+    given = options_given(arguments, [f.name for f in fields(BenchmarkConfig)])
     if args.mode == "data":
         unread = [name for name in MODEL_MODE_OPTIONS if name in given]
         if unread:

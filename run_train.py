@@ -67,6 +67,7 @@ from training.config import (
     ConfigError,
     TrainConfig,
     check_config,
+    field_names,
     fine_tune_micro_batch,
     from_dict,
     global_batch_size,
@@ -75,6 +76,8 @@ from training.config import (
     native_resolution,
     needs_fine_tune,
     option,
+    options_given,
+    options_not_read,
     parse_args,
     phase_batches,
     to_dict,
@@ -149,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = None
     lock = None
     created = None  # the run folder, when this process made it: removed again if a failure leaves it empty
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = parse_args(argv, description=__doc__)
+        cfg = parse_args(arguments, description=__doc__)
         check_config(cfg)
         check_before_work(cfg)
         if cfg.retain_host_memory:
@@ -174,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         # the checkpoint's data folder when resuming: --data-path is not run control
         check_data_folder(cfg, state, state_path)
         check_loader_memory(cfg, ctx)
+        if state is None:  # (a resume names what it ignores in its own warning)
+            for name, why in options_not_read(cfg, options_given(arguments, field_names())):
+                ctx.print(f"note: {name} is not read by this run: {why}")
         if ctx.is_main:
             created = None if run_dir.exists() else run_dir
         lock = ctx.run_on_main(partial(take_run_folder, run_dir))

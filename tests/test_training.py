@@ -29,10 +29,13 @@ from training.config import (
     TrainConfig,
     check_config,
     config_names,
+    field_names,
     from_dict,
     make_config,
     model_overrides,
     option,
+    options_given,
+    options_not_read,
     parse_args,
     resolve_config,
     training_resolution,
@@ -393,6 +396,32 @@ def test_help_and_list_configs() -> None:
 def _assert_cites_a_section(hint: str) -> None:
     section = re.search(r"docs/benchmarks\.md ([AC]\.\d+)", hint).group(1)
     assert f"### {section} " in (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+@pytest.mark.parametrize("argv, unread", [
+    (["--lr-decay", "0.5", "--lr-sched", "cosine"], ["--lr-decay"]),  # (argparse's prefix of --lr-schedule)
+    (["--lr-decay=0.5", "--lr-decay-epochs", "3", "--lr-schedule", "exponential"], []),
+    (["--optimizer", "sgd", "--optimizer-eps", "0.1", "--momentum", "0.5", "--rmsprop-decay", "0.9"],
+     ["--rmsprop-decay", "--optimizer-eps"]),
+    (["--momentum", "0.5"], ["--momentum"]),  # demo's optimizer is adamw
+    (["--fine-tune-epochs", "0"], []),  # none asked for, none run
+    (["--fine-tune-epochs", "3", "--fine-tune-batch-size", "8"], ["--fine-tune-epochs", "--fine-tune-batch-size"]),
+    (["--half-res-training", "--fine-tune-epochs", "3", "--fine-tune-batch-size", "8"], []),
+    (["--train-resolution", "48", "--fine-tune-lr-per-image", "0.001"], []),
+    (["--nowandb", "--wandb-project", "x", "--pipeline-schedule", "1f1b"], ["--pipeline-schedule", "--wandb-project"]),
+])
+def test_options_the_run_does_not_read_are_named(argv: list[str], unread: list[str]) -> None:
+    """Options the run's other settings leave unread changed nothing without a word."""
+    argv = ["--config", "demo", *argv]
+    assert [name for name, _ in options_not_read(parse_args(argv), options_given(argv, field_names()))] == unread
+
+
+def test_a_run_notes_the_options_it_does_not_read(tiny_args, capsys) -> None:
+    assert run_train.main(tiny_args("--lr-schedule", "cosine", "--lr-decay", "0.5", "--epochs", "1")) == 0
+    err = capsys.readouterr().err
+    assert "note: --lr-decay is not read by this run: only --lr-schedule exponential reads it, not cosine" in err
+    assert ("note: --fine-tune-epochs is not read by this run: this run trains at its test resolution, and the "
+            "fine-tune phase follows training below it") in err  # (tiny_args asks for 1 epoch of it)
 
 
 def test_speed_hints_where_settings_are_known_to_be_slow() -> None:

@@ -169,6 +169,45 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def options_given(arguments: list[str], names: list[str]) -> set[str]:
+    """The fields (of `names`) that the command line sets, as argparse reads its options: a unique
+    prefix (--resol for --resolution), --key=value, and simple-parsing's --noX for a false bool."""
+
+    def field_of(token: str) -> str:
+        key = token[2:].split("=", 1)[0].replace("-", "_")
+        for candidate in (key, key.removeprefix("no").lstrip("_")):
+            match = candidate if candidate in names else next((n for n in names if n.startswith(candidate)), None)
+            if match:
+                return match
+        return key
+
+    return {field_of(token) for token in arguments if token.startswith("--") and len(token) > 2}
+
+
+def options_not_read(cfg: TrainConfig, given: set[str]) -> list[tuple[str, str]]:
+    """(--option, why) for each option set on the command line that this run's other settings
+    leave unread: it would otherwise change nothing without a word (--lr-decay with a cosine
+    schedule, say)."""
+    fine_tune = ("--fine-tune-epochs is 0" if cfg.fine_tune_epochs == 0 else
+                 "this run trains at its test resolution, and the fine-tune phase follows training below it "
+                 "(--half-res-training or --train-resolution)")
+    unread = {
+        "rmsprop_decay": (cfg.optimizer != "rmsprop", f"only --optimizer rmsprop reads it, not {cfg.optimizer}"),
+        "optimizer_eps": (cfg.optimizer == "sgd", "--optimizer sgd has no eps"),
+        "momentum": (cfg.optimizer == "adamw", "only --optimizer rmsprop and sgd read it, not adamw"),
+        "lr_decay": (cfg.lr_schedule != "exponential", f"only --lr-schedule exponential reads it, not {cfg.lr_schedule}"),
+        "lr_decay_epochs": (cfg.lr_schedule != "exponential",
+                            f"only --lr-schedule exponential reads it, not {cfg.lr_schedule}"),
+        "fine_tune_epochs": (cfg.fine_tune_epochs > 0 and not needs_fine_tune(cfg), fine_tune),
+        "fine_tune_first_trainable_layer": (not needs_fine_tune(cfg), fine_tune),
+        "fine_tune_lr_per_image": (not needs_fine_tune(cfg), fine_tune),
+        "fine_tune_batch_size": (not needs_fine_tune(cfg), fine_tune),
+        "pipeline_schedule": (not cfg.pipeline_splits, "it needs --pipeline-splits"),
+        "wandb_project": (not cfg.wandb, "it needs --wandb"),
+    }
+    return [(option(name), why) for name, (idle, why) in unread.items() if name in given and idle]
+
+
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
