@@ -324,6 +324,9 @@ def test_unknown_config_and_keys_suggest_close_matches(tmp_path: Path) -> None:
     bad.write_text("x:\n  epoch: 3\n")
     with pytest.raises(ConfigError, match="unknown option 'epoch'.*epochs"):
         resolve_config("x", bad)
+    bad.write_text("x:\n  inherits: [demo, {a: 1}]\n")
+    with pytest.raises(ConfigError, match="config 'x' in .*configs.yml: inherits must be a config name or a list"):
+        resolve_config("x", bad)
     with pytest.raises(ConfigError, match="'epochs' must be an integer"):
         make_config({"epochs": "ten"})
 
@@ -679,7 +682,8 @@ def test_config_file_extends_named_configs_and_is_checked(tmp_path: Path) -> Non
     assert cfg.config == "mine"  # run folders are named after the file, not its parent
     for text, needle in [("epochs: [1\n", "is not valid YAML"), ("- 1\n- 2\n", "must map options to values"),
                          ("epoch: 3\n", "unknown option 'epoch' (did you mean: epochs"),
-                         ("inherits: demo0\n", "unknown config 'demo0'"), ("epochs: many\n", "option 'epochs' must be")]:
+                         ("inherits: demo0\n", "unknown config 'demo0'"), ("epochs: many\n", "option 'epochs' must be"),
+                         ("inherits: 5\n", "inherits must be a config name or a list of them, got 5")]:  # (a TypeError)
         mine.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(needle)):
             parse_args(["--config", str(mine)])

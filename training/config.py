@@ -245,6 +245,14 @@ def config_names(path: Path = CONFIGS_FILE) -> list[str]:
     return [name for name in load_config_file(path) if not name.startswith("_")]
 
 
+def parent_names(inherits: object, where: str) -> list[str]:
+    """`inherits:` as a list of config names (one name alone is a list of one)."""
+    names = [inherits] if isinstance(inherits, str) else inherits
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"{where}: inherits must be a config name or a list of them, got {inherits!r}")
+    return names
+
+
 def resolve_config(name: str, path: Path = CONFIGS_FILE) -> dict[str, object]:
     """Options of a named config with its `inherits` chain applied (later parents win, own keys last)."""
     table = load_config_file(path)
@@ -257,10 +265,8 @@ def resolve_config(name: str, path: Path = CONFIGS_FILE) -> dict[str, object]:
         if current in chain:
             raise ConfigError(f"config {current!r} in {path} inherits from itself: {' -> '.join(chain + (current,))}")
         entry = dict(table[current])
-        parents = entry.pop("inherits", [])
-        parents = [parents] if isinstance(parents, str) else parents
         merged: dict[str, object] = {}
-        for parent in parents:
+        for parent in parent_names(entry.pop("inherits", []), f"config {current!r} in {path}"):
             merged.update(resolve(parent, chain + (current,)))
         merged.update(entry)
         return merged
@@ -290,10 +296,9 @@ def config_from_file(path: Path) -> TrainConfig:
         # only, so `config: efficientnet-b2-g16-gn` + `epochs: 10` trained a B0). A run folder's
         # config.yaml sets every option, so there the name changes nothing.
         parents = data["config"]
-    parents = [] if parents is None else parents
     values: dict[str, object] = {}
-    for parent in [parents] if isinstance(parents, str) else parents:
-        values.update(resolve_config(str(parent)))
+    for parent in parent_names([] if parents is None else parents, f"config file {path}"):
+        values.update(resolve_config(parent))
     values.update(data)
     values["config"] = data.get("config", path.stem)  # the file's own name for it, not a parent's
     return from_dict(values, f"config file {path}")
