@@ -286,6 +286,10 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
     cfg = dataclasses.replace(cfg, **overrides, device=args.device, replicas=1, pipeline_splits=[],
                               progress=args.progress)
     check_config(cfg)
+    unread = [f"--{name.replace('_', '-')}" for name in ("crop_pct", "interpolation") if getattr(args, name) is not None]
+    if cfg.data == "generated" and unread:  # (they would be recorded in the sweep's rows, as if applied)
+        raise ConfigError(f"{', '.join(unread)}: generated data is made at each test resolution, with no resize or "
+                          f"crop to set")
     ctx = parallel.setup(cfg)
     device = ctx.device
     if args.fine_tune_epochs and not rows:  # (said once, before the first source's points)

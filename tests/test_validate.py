@@ -282,6 +282,8 @@ def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path, capsys)
         (["--checkpoint", str(good), "--resolutions", "8,32"], "below the model's minimum"),
         (["--checkpoint", str(good), "--weights", "averaged"], "has no such weights"),
         (["--checkpoint", str(good), "--data-path", str(tmp_path)], "--data-path is read only with --data imagenet"),
+        (["--checkpoint", str(good), "--data", "generated", "--crop-pct", "0.5", "--interpolation", "bicubic"],
+         "--crop-pct, --interpolation: generated data is made at each test resolution, with no resize or crop"),
         ([], "--checkpoint PATH is required"),
         (["--checkpoint", str(tmp_path)], "no checkpoints (checkpoint-*.pt) or model.safetensors in run folder"),
         (["--checkpoint", str(good), "--output-prefix", str(corrupt / "sweep")], f"cannot write {corrupt}"),
