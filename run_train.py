@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, state, state_path = find_run(cfg, ctx)
         if state is not None and (run_dir / "final.json").is_file():  # written last: the run is complete
             ctx.print(f"run {run_dir} has already finished: results in final.json, weights in model.safetensors")
-            changed = settings_not_applied(cfg, state, state_path)
+            changed = settings_not_applied(cfg, from_dict(state["config"], f"config saved in {state_path}"))
             if changed:  # e.g. --epochs raised to train on: a finished run is not reopened
                 ctx.print(f"note: {', '.join(changed)} not applied to the finished run; to train on from its weights, "
                           f"start a new run with --initial-weights {run_dir}")
@@ -256,16 +256,15 @@ def config_for_resume(cfg: TrainConfig, state: dict, path: Path, report) -> Trai
             f"{path} was trained with --replicas {saved.replicas} (global batch {global_batch_size(saved)}); "
             f"resuming with --replicas {cfg.replicas} would change the global batch, the LR and the data order "
             f"of the epoch: resume with --replicas {saved.replicas}")
-    ignored = settings_not_applied(cfg, state, path)
+    ignored = settings_not_applied(cfg, saved)
     if ignored:
         report(f"warning: resuming with the checkpoint's settings; ignoring {', '.join(ignored)}")
     return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RUN_CONTROL})
 
 
-def settings_not_applied(cfg: TrainConfig, state: dict, path: Path) -> list[str]:
+def settings_not_applied(cfg: TrainConfig, saved: TrainConfig) -> list[str]:
     """The options, as --names, where the command line differs from the checkpoint's config and a
     resume keeps the checkpoint's (all but run control)."""
-    saved = from_dict(state["config"], f"config saved in {path}")
     return [option(f.name) for f in dataclasses.fields(cfg)
             if f.name not in RUN_CONTROL and getattr(cfg, f.name) != getattr(saved, f.name)]
 

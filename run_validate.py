@@ -37,6 +37,7 @@ from training.config import (
     meta_model,
     named_config,
     native_resolution,
+    option,
     parse_dataclass,
 )
 from training.data import open_dataset, set_preprocessing
@@ -286,7 +287,7 @@ def sweep(source: Path, args: ValidateConfig, resolutions: list[int] | None, row
     cfg = dataclasses.replace(cfg, **overrides, device=args.device, replicas=1, pipeline_splits=[],
                               progress=args.progress)
     check_config(cfg)
-    unread = [f"--{name.replace('_', '-')}" for name in ("crop_pct", "interpolation") if getattr(args, name) is not None]
+    unread = [option(name) for name in ("crop_pct", "interpolation") if getattr(args, name) is not None]
     if cfg.data == "generated" and unread:  # (they would be recorded in the sweep's rows, as if applied)
         raise ConfigError(f"{', '.join(unread)}: generated data is made at each test resolution, with no resize or "
                           f"crop to set")

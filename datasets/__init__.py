@@ -87,10 +87,12 @@ def classes_for_model(root: Path, split: str, known: list[str] | None, outputs: 
             raise DataError(f"fine-tuning needs every class the model was trained on; {folder} lacks "
                             f"{len(missing)}: {some_names(missing)}")
         return known
-    classes, where = (check_classes(root), split_folder(root, "train")) if (root / "train").is_dir() else (found, folder)
+    if (root / "train").is_dir():
+        classes, where, remedy = check_classes(root), split_folder(root, "train"), "give the data it was trained on"
+    else:
+        classes, where = found, folder
+        remedy = f"give a folder with all {outputs} classes, or with the train/ folder it was trained on beside it"
     if len(classes) != outputs:  # (output i would be scored as the i-th folder, whatever class it is)
-        remedy = ("give the data it was trained on" if where != folder else f"give a folder with all {outputs} "
-                  f"classes, or with the train/ folder it was trained on beside it")
         raise DataError(f"{where} has {len(classes)} class folders and the model {outputs} outputs, and the model's "
                         f"file holds no class names to match them by: {remedy}")
     return classes

@@ -542,7 +542,7 @@ def named_config(name: str) -> TrainConfig:
     """`--config`'s value as a config: a name in configs.yml, or a YAML file (.yaml, .yml)."""
     if name.endswith((".yaml", ".yml")):
         return config_from_file(Path(name).expanduser())
-    if name not in load_config_file() and Path(name).expanduser().exists():
+    if Path(name).expanduser().exists() and name not in load_config_file():
         raise ConfigError(f"--config {name}: not a name in {CONFIGS_FILE.name}, and a file of options must end in "
                           f".yaml or .yml (a run folder's config.yaml, say)")
     return make_config(resolve_config(name), f"config {name!r}")

@@ -1,10 +1,10 @@
 """`--initial-weights`: start a run from weights on disk instead of random ones.
 
-The files taken: a run's exported `model.safetensors` (or its run folder), a checkpoint of this application (its raw
-weights), torchvision's or timm's EfficientNet weights for a G1-BN model (a `.pth`, or timm's
-`model.safetensors`; mapped by `models.external_weights`), and a plain state dict of the model
-(`torch.save(model.state_dict())` or a safetensors file of it). Every tensor must fit the model
-except the classifier, which is kept as initialised where the number of classes differs
+The files taken: a run's exported `model.safetensors` (or its run folder), a checkpoint of this
+application (its raw weights), torchvision's or timm's EfficientNet weights for a G1-BN model (a
+`.pth`, or timm's `model.safetensors`; mapped by `models.external_weights`), and a plain state dict
+of the model (`torch.save(model.state_dict())` or a safetensors file of it). Every tensor must fit
+the model except the classifier, which is kept as initialised where the number of classes differs
 (fine-tuning to other classes). The file is checked before any data is read, and loaded before the
 model is split into replicas or pipeline stages, so every rank starts from the same weights. A
 resumed run takes its weights from its checkpoint instead.
