@@ -14,7 +14,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist's `-n N` (the README's test command) runs N test processes at once: the cores are
+# shared out between them, and so with the programs they start. Two processes of two threads each
+# on two cores took longer than one process (OpenMP threads spin waiting for a core).
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 def tiny_train_args(output_dir: Path, *extra: str) -> list[str]:
