@@ -128,6 +128,16 @@ class NormConfig:
         return 1 if self.kind == "layer" else self.groups
 
 
+# timm's names for create_model's options, which a timm user will try first
+TIMM_OPTIONS = {
+    "drop_rate": "this is dropout",
+    "drop_path_rate": "this is stochastic_depth",
+    "in_chans": "this is in_channels",
+    "pretrained": "nothing is downloaded here: load a run's weights with training.trained.load_trained_model, "
+                  "or start a G1-BN run from torchvision's or timm's file with run_train.py --initial-weights",
+}
+
+
 @dataclass(frozen=True)
 class EfficientNetConfig:
     """Everything needed to build one network. `from_name` fills it from the family table."""
@@ -184,7 +194,11 @@ class EfficientNetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(model_overrides) - known)
         if unknown:
-            raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
+            hints = [f"{key}: {TIMM_OPTIONS[key]}" for key in unknown if key in TIMM_OPTIONS]
+            raise ValueError(f"unknown model option(s): {', '.join(unknown)}"
+                             + (f" ({'; '.join(hints)})" if hints else "")
+                             + f"; known: {', '.join(sorted(known - {'name'}))}, and the norm's own "
+                             f"({', '.join(sorted(norm_fields - {'kind'}))}, each also as norm_<name>)")
         norm = model_overrides.pop("norm", None) or NormConfig(**norm_overrides)  # type: ignore[arg-type]
         base = dict(name=name, width=member.width, depth=member.depth, dropout=member.dropout)
         base.update(model_overrides)

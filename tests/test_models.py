@@ -307,8 +307,14 @@ def test_unknown_options_are_refused() -> None:
         create_model("efficientnet-b9")
     with pytest.raises(ValueError, match="unknown model 'efficientnet_b2' \\(did you mean 'efficientnet-b2'\\?\\)"):
         create_model("efficientnet_b2")  # torchvision's and timm's spelling
-    with pytest.raises(ValueError, match="unknown model option"):
+    with pytest.raises(ValueError, match="unknown model option") as refused:
         create_model("efficientnet-b0", colour="red")
+    assert "known: depth, dropout, expand_ratio," in str(refused.value) and "proxy_norm" in str(refused.value)
+    # timm's names are told the name here; pretrained=True where weights come from instead
+    for option, hint in [("drop_rate", "this is dropout"), ("drop_path_rate", "this is stochastic_depth"),
+                         ("in_chans", "this is in_channels"), ("pretrained", "nothing is downloaded here")]:
+        with pytest.raises(ValueError, match=f"unknown model option\\(s\\): {option} \\({option}: {hint}"):
+            create_model("efficientnet-b0", **{option: 1})
     for option, value in [("norm_eps", 0.0), ("norm_eps", -1e-3), ("proxy_eps", 0.0)]:  # (were built)
         with pytest.raises(ValueError, match=f"^{option} must be > 0, got {value}"):
             create_model("efficientnet-b0", norm="layer", proxy_norm=True, **{option: value})

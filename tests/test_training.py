@@ -1037,17 +1037,22 @@ class _FakeWandb:
         self.finished += 1
 
 
-@pytest.mark.parametrize("api_key", [None, "k" * 40])
-def test_wandb_gets_every_record_offline_unless_a_key_is_set(tiny_args, tmp_path: Path, monkeypatch, api_key) -> None:
+@pytest.mark.parametrize("api_key, wandb_mode, mode", [
+    (None, None, "offline"), ("k" * 40, None, "online"),
+    ("k" * 40, "offline", None), (None, "online", None),  # WANDB_MODE, the user's own setting, is left to wandb
+], ids=["no-key", "key", "key-WANDB_MODE-offline", "WANDB_MODE-online"])
+def test_wandb_gets_every_record_offline_unless_a_key_is_set(tiny_args, tmp_path: Path, monkeypatch, api_key,
+                                                             wandb_mode, mode) -> None:
     fake = _FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    if api_key:
-        monkeypatch.setenv("WANDB_API_KEY", api_key)
-    else:
-        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name, value in [("WANDB_API_KEY", api_key), ("WANDB_MODE", wandb_mode)]:
+        if value:
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
     assert run_train.main(tiny_args("--run-name", "tracked", "--wandb", "--fine-tune-epochs", "0")) == 0
     run_dir = tmp_path / "runs" / "tracked"
-    assert fake.init_kwargs["mode"] == ("online" if api_key else "offline")
+    assert fake.init_kwargs["mode"] == mode
     assert fake.init_kwargs["dir"] == str(run_dir) and fake.init_kwargs["name"] == "tracked"
     assert fake.init_kwargs["resume"] == "allow" and fake.init_kwargs["id"] == (run_dir / "wandb-id").read_text()
     assert fake.init_kwargs["config"]["run_name"] == "tracked"
@@ -1086,9 +1091,10 @@ def test_a_failing_tracker_never_stops_training(tiny_args, tmp_path: Path, monke
     assert (tmp_path / "runs" / "untracked" / "final.json").is_file()
 
 
-def test_real_wandb_writes_an_offline_run_without_the_network(tmp_path: Path) -> None:
+def test_real_wandb_writes_an_offline_run_without_the_network(tmp_path: Path, monkeypatch) -> None:
     """The installed wandb, not a stand-in: the calls match its API and offline mode needs no network."""
     pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # (the user's own mode would be used)
     env = {"WANDB_API_KEY": "", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
     result = run_cli("run_train.py", *tiny_train_args(tmp_path / "runs", "--run-name", "w", "--wandb",
                                                       "--fine-tune-epochs", "0", "--epochs", "1"), env=env)

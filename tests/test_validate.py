@@ -266,6 +266,24 @@ def test_trained_model_loads_in_python_and_scores_as_the_run_did(trained_run: Pa
     with pytest.raises(CheckpointError, match="carries no config"):
         load_trained_model(bare)
 
+    # a run folder, as the CLIs take one: its exported weights, or for EMA its newest checkpoint
+    # (it said "checkpoint not found" of a folder that exists)
+    for weights, expected in [("raw", load_file(trained_run / "model.safetensors")),
+                              ("ema", {name.removeprefix("module."): tensor for name, tensor in state["ema"].items()})]:
+        from_folder, _ = load_trained_model(trained_run, weights)
+        for name, tensor in from_folder.state_dict().items():
+            assert torch.equal(tensor, expected[name]), (weights, name)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / checkpoint.name).write_bytes(checkpoint.read_bytes())
+    raw, _ = load_trained_model(unfinished)  # no model.safetensors yet: the newest checkpoint's raw weights
+    for name, tensor in raw.state_dict().items():
+        assert torch.equal(tensor, state["model"][name]), name
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"no checkpoints \(checkpoint-\*\.pt\) or model.safetensors in run folder"):
+        load_trained_model(empty)
+
 
 def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path, capsys) -> None:
     corrupt = tmp_path / "corrupt.pt"

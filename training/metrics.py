@@ -111,13 +111,16 @@ def _fmt(value: object) -> object:
 
 
 def _start_wandb(run_dir: Path, config: dict, project: str):
-    """Offline unless an API key is configured: training never waits on the network."""
+    """Offline unless an API key is configured (training never waits on the network), or as
+    WANDB_MODE says where it is set: `wandb.init(mode=...)` would override the user's own setting
+    (WANDB_MODE=offline with a key in the environment went online; WANDB_MODE=online after
+    `wandb login`, which keeps the key in ~/.netrc, stayed offline)."""
     try:
         import wandb
     except ImportError:
         print("warning: --wandb given but wandb is not installed; not tracking", file=sys.stderr)
         return None
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    mode = None if os.environ.get("WANDB_MODE") else "online" if os.environ.get("WANDB_API_KEY") else "offline"
     try:
         return wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=run_dir.name,
                           id=_wandb_run_id(run_dir), resume="allow", settings=wandb.Settings(silent=True))

@@ -1,5 +1,5 @@
-"""What a run leaves behind, loaded back: a checkpoint (.pt) or exported weights (.safetensors)
-as (config, weights), or as a ready model.
+"""What a run leaves behind, loaded back: a checkpoint (.pt), exported weights (.safetensors) or
+a run folder (its model.safetensors, or its newest checkpoint) as (config, weights), or as a ready model.
 
     from training.trained import eval_preprocessing, load_trained_model, load_weights
     model, cfg = load_trained_model("runs/demo-20261125-223620/model.safetensors")
@@ -19,7 +19,7 @@ import torch
 from datasets import eval_transform
 from models import EfficientNet, create_model
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .config import ConfigError, TrainConfig, from_dict, model_overrides, native_resolution
 
 # --weights choice → the checkpoint entry holding those weights
@@ -53,10 +53,12 @@ def load_weights(path: str | Path,
                  weights: str = "raw") -> tuple[TrainConfig, dict[str, torch.Tensor], list[str] | None]:
     """The run's config, one set of its weights (`raw`, `ema` or `averaged`) as a state dict, and
     the names of the class folders it was trained on, by output index (None for generated data, and
-    for files written before the names were saved)."""
+    for files written before the names were saved). `path`: a file, or a run folder (`run_weights_file`)."""
     path = Path(path)
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if path.is_dir():
+        path = run_weights_file(path, weights)
     if path.suffix == ".safetensors":
         metadata, state = read_safetensors(path)
         if "config" not in metadata:
@@ -78,6 +80,19 @@ def load_weights(path: str | Path,
     if weights != "raw":  # AveragedModel state: module.* plus its n_averaged counter
         chosen = {k.removeprefix("module."): v for k, v in chosen.items() if k != "n_averaged"}
     return cfg, chosen, checked_classes(state.get("classes"), path)
+
+
+def run_weights_file(run_dir: Path, weights: str) -> Path:
+    """The file of a run folder holding its `weights`: the exported final weights (model.safetensors)
+    for `raw`, else (or before the run has finished) its newest checkpoint."""
+    exported = run_dir / "model.safetensors"
+    if weights == "raw" and exported.is_file():
+        return exported
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise CheckpointError(f"no checkpoints (checkpoint-*.pt)"
+                              f"{' or model.safetensors' if weights == 'raw' else ''} in run folder {run_dir}")
+    return checkpoints[-1]
 
 
 def checked_classes(classes, path: Path) -> list[str] | None:
