@@ -412,6 +412,15 @@ def _assert_cites_a_section(hint: str) -> None:
     (["--half-res-training", "--fine-tune-epochs", "3", "--fine-tune-batch-size", "8"], []),
     (["--train-resolution", "48", "--fine-tune-lr-per-image", "0.001"], []),
     (["--nowandb", "--wandb-project", "x", "--pipeline-schedule", "1f1b"], ["--pipeline-schedule", "--wandb-project"]),
+    (["--norm-groups", "8"], ["--norm-groups"]),  # demo's norm is layer
+    (["--norm", "group", "--norm-groups", "8"], []),
+    (["--half-resolution", "24"], ["--half-resolution"]),
+    (["--half-res-training", "--half-resolution", "24"], []),
+    (["--half-res-training", "--half-resolution", "24", "--train-resolution", "40"],
+     ["--half-resolution", "--half-res-training"]),
+    (["--generated-size", "64", "--hflip", "0"], ["--generated-size"]),
+    (["--data", "generated", "--generated-size", "64", "--hflip", "0", "--crop-pct", "0.9", "--strict-images"],
+     ["--strict-images", "--hflip", "--crop-pct"]),  # no image files
 ])
 def test_options_the_run_does_not_read_are_named(argv: list[str], unread: list[str]) -> None:
     """Options the run's other settings leave unread changed nothing without a word."""

@@ -204,7 +204,17 @@ def options_not_read(cfg: TrainConfig, given: set[str]) -> list[tuple[str, str]]
         "fine_tune_batch_size": (not needs_fine_tune(cfg), fine_tune),
         "pipeline_schedule": (not cfg.pipeline_splits, "it needs --pipeline-splits"),
         "wandb_project": (not cfg.wandb, "it needs --wandb"),
+        "norm_groups": (cfg.norm != "group", f"only --norm group reads it, not {cfg.norm}"),
+        "half_resolution": (not cfg.half_res_training or bool(cfg.train_resolution),
+                            "--train-resolution sets the training resolution" if cfg.train_resolution
+                            else "it needs --half-res-training"),
+        "half_res_training": (cfg.half_res_training and bool(cfg.train_resolution),
+                              "--train-resolution sets the training resolution"),
+        "generated_size": (cfg.data != "generated", f"only --data generated reads it, not {cfg.data}"),
     }
+    images = "--data generated makes its samples as tensors: no image files to decode, crop, flip or resize"
+    unread.update({name: (cfg.data == "generated", images)
+                   for name in ("strict_images", "min_crop_area", "hflip", "crop_pct", "interpolation")})
     return [(option(name), why) for name, (idle, why) in unread.items() if name in given and idle]
 
 
