@@ -320,6 +320,9 @@ def test_unknown_config_and_keys_suggest_close_matches(tmp_path: Path) -> None:
         parse_args(["--config", "efficientnet-b2-g16-gm"])
     with pytest.raises(ConfigError, match="unknown option --lr-deacy.*--lr-decay"):
         parse_args(["--lr-deacy", "0.5"])
+    for argv in (["demo"], ["--resolution", "32", "40"]):  # a word no option takes is not an "unknown option"
+        with pytest.raises(ConfigError, match=f"^unexpected argument '{argv[-1]}': options are written --name VALUE"):
+            parse_args(argv)
     bad = tmp_path / "configs.yml"
     bad.write_text("x:\n  epoch: 3\n")
     with pytest.raises(ConfigError, match="unknown option 'epoch'.*epochs"):

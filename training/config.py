@@ -625,6 +625,9 @@ def parse_dataclass(argv: list[str], dataclass_type: type, defaults: object, des
     if unknown:
         options = [s for action in parser._actions for s in action.option_strings]
         first = next((u for u in unknown if u.startswith("-")), unknown[0])
+        if not first.startswith("-"):  # a word no option took: `run_train.py demo`, `--resolutions 32, 40`
+            raise ConfigError(f"unexpected argument {first!r}: options are written --name VALUE, and a value "
+                              f"with a space in it needs quotes")
         raise ConfigError(f"unknown option {first}{close_matches(first.split('=')[0], options)}")
     cfg = args.cfg
     hints = typing.get_type_hints(dataclass_type)
