@@ -124,7 +124,7 @@ class TrainConfig:
     skip_nonfinite_steps: int = 0  # tolerate this many NaN/Inf losses (skipped) before stopping
     progress: bool = True  # tqdm progress bars (shown on a terminal only)
     log_every: int = 100  # where no bar shows (a job's log file, --progress false): a line every N steps; 0 = none
-    wandb: bool = False  # log to Weights & Biases (offline unless WANDB_API_KEY is set)
+    wandb: bool = False  # log to Weights & Biases (offline unless WANDB_API_KEY is set; WANDB_MODE, where set, decides)
     wandb_project: str = "efficientnet-g16"  # Weights & Biases project name
     stop_after_steps: int | None = None  # stop after this many steps in all, checkpointing as on SIGTERM
 
