@@ -49,6 +49,7 @@ from training.checkpoint import (
 )
 from training.config import ConfigError, resolve_config
 from training.measure import SMAPS_ROLLUP, private_memory_bytes
+from training.run_dir import LOCK_NAME, LOCK_WRITE_S, RunLock
 
 # a run long enough to be interrupted: 2 epochs of 6 steps, a checkpoint every step
 LONG = ["--epochs", "2", "--max-steps-per-epoch", "6", "--checkpoint-every-steps", "1", "--fine-tune-epochs", "0",
@@ -788,3 +789,22 @@ def test_two_runs_in_one_folder_do_not_share_it(tmp_path: Path) -> None:
     first.communicate(timeout=300)
     assert first.returncode == 0
     assert second.returncode == 2 and "in use by another training process" in second.stderr
+
+
+def test_a_lock_file_not_yet_holding_its_pid_is_not_taken_over(tmp_path: Path) -> None:
+    """Between another process's create of the lock file and its write of its pid, the file is
+    empty: taking it over as stale let both runs into the folder. It is in use until it is older
+    than a write could take; then it is one left by a process killed there, and is taken over."""
+    lock = tmp_path / "run" / LOCK_NAME
+    lock.parent.mkdir()
+    lock.write_text("")
+    with pytest.raises(ConfigError, match=f"run folder {lock.parent} is being locked by another training process"):
+        RunLock(lock.parent).acquire()
+    assert lock.read_text() == ""  # left to its owner
+    past = time.time() - LOCK_WRITE_S - 1
+    os.utime(lock, (past, past))
+    taken = RunLock(lock.parent)
+    taken.acquire()
+    assert lock.read_text() == str(os.getpid())
+    taken.release()
+    assert not lock.exists()

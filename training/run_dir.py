@@ -17,6 +17,9 @@ from .checkpoint import CheckpointError, atomic_write, load_checkpoint, newest_g
 from .config import ConfigError, TrainConfig
 
 LOCK_NAME = ".lock"
+# a lock file without a pid is one being written (another process made it between its create and
+# its write: taking it over then let both runs in) for this long, then one left by a process killed there
+LOCK_WRITE_S = 10.0
 
 
 def _new_run_name(cfg: TrainConfig) -> str:
@@ -101,6 +104,9 @@ class RunLock:
                     raise ConfigError(
                         f"run folder {self.path.parent} is in use by another training process (pid {owner})"
                     ) from None
+                if owner is None and self._age() < LOCK_WRITE_S:  # made this instant, its pid not yet written
+                    raise ConfigError(f"run folder {self.path.parent} is being locked by another training "
+                                      f"process") from None
                 self.path.unlink(missing_ok=True)  # stale: its owner is gone
                 continue
             except OSError as error:
@@ -115,6 +121,12 @@ class RunLock:
             self.held = True
             return
         raise ConfigError(f"could not lock run folder {self.path.parent}")
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return float("inf")
 
     def _owner(self) -> int | None:
         try:
