@@ -28,7 +28,7 @@ import parallel
 import run_train
 from datasets import DataError, SeededSampler, batch_bytes, check_shared_memory, eval_transform, make_loader
 from models.flops import count_macs
-from training.checkpoint import CheckpointError, WriteError, atomic_write, list_checkpoints
+from training.checkpoint import CheckpointError, WriteError, atomic_write, list_checkpoints, runs_inside
 from training.config import (
     MIN_RESOLUTION,
     ConfigError,
@@ -202,7 +202,8 @@ def find_sources(path: Path) -> list[Path]:
         if not found and (path / "model.safetensors").is_file():  # a folder holding only the exported weights
             return [path / "model.safetensors"]
         if not found:
-            raise CheckpointError(f"no checkpoints (checkpoint-*.pt) or model.safetensors in run folder {path}")
+            raise CheckpointError(f"no checkpoints (checkpoint-*.pt) or model.safetensors in run folder {path}"
+                                  f"{runs_inside(path)}")
         return found
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")

@@ -285,6 +285,23 @@ def test_trained_model_loads_in_python_and_scores_as_the_run_did(trained_run: Pa
         load_trained_model(empty)
 
 
+def test_a_folder_of_runs_where_a_run_folder_is_wanted_names_them(trained_run: Path, tmp_path: Path, capsys) -> None:
+    """The --output-dir given where its run folder was meant (each CLI, and the Python API) gets the
+    names of the runs it holds, not only "no checkpoints" of a folder that plainly holds them."""
+    runs = trained_run.parent
+    hint = f"; it holds run folders ({trained_run.name}): give one of them"
+    code, err = run_main(run_validate.main, ["--checkpoint", str(runs), "--progress", "false"], capsys)
+    assert code == 2 and err.strip().endswith(hint), err
+    for argv in (["--resume", str(runs)], ["--initial-weights", str(runs)]):
+        code, err = run_main(run_train.main, tiny_train_args(tmp_path / "new", *argv), capsys)
+        assert code == 2 and err.strip().endswith(hint), err
+    with pytest.raises(CheckpointError, match=f"in run folder {runs}; it holds run folders \\({trained_run.name}\\)"):
+        load_trained_model(runs)
+    (tmp_path / "empty").mkdir()  # nothing inside: no hint
+    code, err = run_main(run_validate.main, ["--checkpoint", str(tmp_path / "empty"), "--progress", "false"], capsys)
+    assert code == 2 and err.strip().endswith(f"in run folder {tmp_path / 'empty'}"), err
+
+
 def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path, capsys) -> None:
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 definitely not a checkpoint" * 10)

@@ -147,6 +147,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [entry for *_, entry in sorted(found)]
 
 
+def runs_inside(folder: Path) -> str:
+    """For an error about a folder without checkpoints: where it holds run folders (it is the
+    --output-dir, say), a hint naming them, else ""."""
+    try:
+        runs = sorted(entry.name for entry in Path(folder).iterdir() if entry.is_dir()
+                      and (list_checkpoints(entry) or (entry / "model.safetensors").is_file()))
+    except OSError:
+        return ""
+    if not runs:
+        return ""
+    shown = ", ".join(runs[-3:]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+    return f"; it holds run folders ({shown}): give one of them"
+
+
 def is_epoch_end(checkpoint: Path) -> bool:
     """Written at the end of an epoch (not mid-epoch, by --checkpoint-every-steps)."""
     return CHECKPOINT_RE.match(Path(checkpoint).name).group(2) is not None

@@ -21,7 +21,7 @@ from torch import nn
 
 from models.external_weights import LAYOUTS, ExternalWeightsError, external_layout, external_to_ours
 
-from .checkpoint import CheckpointError, load_torch_file
+from .checkpoint import CheckpointError, load_torch_file, runs_inside
 from .config import ConfigError
 from .trained import read_safetensors
 
@@ -47,8 +47,8 @@ def read_initial_weights(path: str | Path, option: str = "--initial-weights") ->
     path = Path(path).expanduser()
     if path.is_dir():  # a run folder: the weights it exported (as run_validate and --resume take a folder)
         if not (path / "model.safetensors").is_file():
-            raise ConfigError(f"{option} {path} is a folder without a model.safetensors (a run that has not "
-                              f"finished?): give the weights file, or one of its checkpoints")
+            hint = runs_inside(path) or " (a run that has not finished?): give the weights file, or one of its checkpoints"
+            raise ConfigError(f"{option} {path} is a folder without a model.safetensors{hint}")
         path = path / "model.safetensors"
     try:
         if path.suffix == ".safetensors":

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, newest_good_checkpoint, write_failed
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    newest_good_checkpoint,
+    runs_inside,
+    write_failed,
+)
 from .config import ConfigError, TrainConfig
 
 LOCK_NAME = ".lock"
@@ -57,7 +64,7 @@ def locate_run(cfg: TrainConfig, report=print) -> tuple[Path, dict | None, Path 
         if target.is_dir():
             found = newest_good_checkpoint(target, report)
             if found is None:
-                raise CheckpointError(f"--resume {target}: no usable checkpoint in that folder")
+                raise CheckpointError(f"--resume {target}: no usable checkpoint in that folder{runs_inside(target)}")
             return target, found[1], found[0]
         return target.parent, load_checkpoint(target), target
     if cfg.resume == "auto":

@@ -19,7 +19,7 @@ import torch
 from datasets import eval_transform
 from models import EfficientNet, create_model
 
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, runs_inside
 from .config import ConfigError, TrainConfig, from_dict, model_overrides, native_resolution
 
 # --weights choice → the checkpoint entry holding those weights
@@ -91,7 +91,8 @@ def run_weights_file(run_dir: Path, weights: str) -> Path:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise CheckpointError(f"no checkpoints (checkpoint-*.pt)"
-                              f"{' or model.safetensors' if weights == 'raw' else ''} in run folder {run_dir}")
+                              f"{' or model.safetensors' if weights == 'raw' else ''} in run folder {run_dir}"
+                              f"{runs_inside(run_dir)}")
     return checkpoints[-1]
 
 
