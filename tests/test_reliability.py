@@ -753,6 +753,7 @@ def test_bad_options_exit_2_with_one_line_before_reading_data(tmp_path: Path, ca
         # `..` would put the run in --output-dir's parent, among other runs' files
         (["--run-name", ".."], "--run-name must be a folder name"),
         (["--run-name", "a/b"], "--run-name must be a folder name"),
+        (["--run-name", " "], "--run-name must be a folder name"),  # (made a folder named ' ')
         (["--lr", "nan"], "--lr must be a finite number, got nan"),  # nan passes every comparison
         (["--skip-nonfinite-steps", "-1"], "--skip-nonfinite-steps must not be negative"),
         # BatchNorm's batch statistics need two values per channel: one image on the 1x1 maps of <= 32 px

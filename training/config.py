@@ -392,9 +392,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--seed must be from 0 to {SEEDS - 1}, got {cfg.seed}")
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile true")
-    if cfg.run_name is not None and (cfg.run_name in ("", ".", "..") or "/" in cfg.run_name or "\\" in cfg.run_name):
-        # a path would put the run outside --output-dir (`..` into its parent, beside other runs' files)
-        raise ConfigError(f"--run-name must be a folder name (no '/', not '.' or '..'), got {cfg.run_name!r}; "
+    if cfg.run_name is not None and (cfg.run_name.strip() in ("", ".", "..") or "/" in cfg.run_name
+                                     or "\\" in cfg.run_name):
+        # a path would put the run outside --output-dir (`..` into its parent, beside other runs' files);
+        # a blank name (a shell variable holding a space) made a folder named ' '
+        raise ConfigError(f"--run-name must be a folder name (no '/', not blank, '.' or '..'), got {cfg.run_name!r}; "
                           f"--output-dir says where run folders go")
     if not cfg.output_dir.strip():  # an unset shell variable: the runs would land in the working folder
         raise ConfigError("--output-dir is empty: name the folder for run folders ('.' for the current one)")
