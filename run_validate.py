@@ -194,6 +194,10 @@ def check_args(args: ValidateConfig) -> None:
         raise ConfigError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.plot and not args.plot.lower().endswith(".png"):
         raise ConfigError(f"--plot must name a .png file, got {args.plot!r}")
+    if args.output_prefix and not args.output_prefix.endswith(("/", "\\")) and not Path(args.output_prefix).name.strip():
+        # (a shell variable holding a space wrote ' .csv' and ' .json' in the working folder)
+        raise ConfigError(f"--output-prefix {args.output_prefix!r} ends in a blank name: give a path such as "
+                          f"results/b0-sweep, or a folder")
 
 
 def find_sources(path: Path) -> list[Path]:

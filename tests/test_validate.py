@@ -323,6 +323,7 @@ def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path, capsys)
         (["--checkpoint", str(tmp_path)], "no checkpoints (checkpoint-*.pt) or model.safetensors in run folder"),
         (["--checkpoint", str(good), "--output-prefix", str(corrupt / "sweep")], f"cannot write {corrupt}"),
         (["--checkpoint", str(good), "--plot", str(corrupt / "sweep.png")], f"cannot write {corrupt}"),
+        (["--checkpoint", str(good), "--output-prefix", " "], "--output-prefix ' ' ends in a blank name"),
     ]
     for args, needle in cases:
         code, stderr = run_main(run_validate.main, args, capsys)
