@@ -100,6 +100,8 @@ def validate(argv: list[str] | None) -> int:
                                __doc__)
         resolutions = parse_resolutions(args)
         check_args(args)
+        args = dataclasses.replace(args, checkpoint=str(Path(args.checkpoint).expanduser()),  # '~/runs/x', as run_train
+                                   plot=args.plot and str(Path(args.plot).expanduser()))
         if args.retain_host_memory:
             retain_freed_memory()
         sources = check_sources(find_sources(Path(args.checkpoint)), args)

@@ -302,6 +302,19 @@ def test_a_folder_of_runs_where_a_run_folder_is_wanted_names_them(trained_run: P
     assert code == 2 and err.strip().endswith(f"in run folder {tmp_path / 'empty'}"), err
 
 
+def test_paths_under_home_are_expanded(trained_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """'~/runs/x' (quoted, or from a script, where no shell expands it) as run_train takes it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "runs").symlink_to(trained_run.parent)
+    run = f"~/runs/{trained_run.name}"
+    code, err = run_main(run_validate.main, ["--checkpoint", run, "--resolutions", "32", "--timed-batches", "1",
+                                             "--progress", "false", "--output-prefix", "~/sweep", "--plot", "~/sweep.png"],
+                         capsys)
+    assert code == 0, err
+    assert (tmp_path / "sweep.csv").is_file() and (tmp_path / "sweep.png").is_file()
+    assert load_trained_model(run)[1].model == "efficientnet-b0"
+
+
 def test_bad_input_is_refused_clearly(trained_run: Path, tmp_path: Path, capsys) -> None:
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 definitely not a checkpoint" * 10)

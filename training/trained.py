@@ -54,7 +54,7 @@ def load_weights(path: str | Path,
     """The run's config, one set of its weights (`raw`, `ema` or `averaged`) as a state dict, and
     the names of the class folders it was trained on, by output index (None for generated data, and
     for files written before the names were saved). `path`: a file, or a run folder (`run_weights_file`)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if weights not in WEIGHTS:
         raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if path.is_dir():
