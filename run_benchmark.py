@@ -575,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             check_shared_memory(args.workers, 1, batch_bytes(args.batch_size, args.resolution),
                                 "--workers or --batch-size")
         if args.results_file:
+            args.results_file = str(Path(args.results_file).expanduser())  # '~/x.json', as run_train takes paths
             results_file = Path(args.results_file)
             if results_file.suffix not in TABLE_SUFFIXES:
                 raise ConfigError(f"--results-file must end in .json or .csv, got {args.results_file!r}")

@@ -144,7 +144,7 @@ def test_data_mode_reads_every_image_of_the_folder(layout, tmp_path, capsys) -> 
     assert f"{row['images_per_s']:.1f} images/s" in capsys.readouterr().out
 
 
-def test_results_file_holds_the_printed_figures_and_how_they_were_measured(tmp_path, capsys) -> None:
+def test_results_file_holds_the_printed_figures_and_how_they_were_measured(tmp_path, capsys, monkeypatch) -> None:
     """--results-file: JSON with the environment and every row, CSV a line per row; both carry
     the figures the table printed."""
     argv = ["--compare", TINY_ROW, TINY_ROW + "+proxy_norm=false", "--batch-size", "2", "--warmup-steps", "0",
@@ -172,7 +172,8 @@ def test_results_file_holds_the_printed_figures_and_how_they_were_measured(tmp_p
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert head and machine["commit"].split("+")[0] == head
 
-    assert run_benchmark.main([*argv, "--results-file", str(tmp_path / "figures.csv")]) == 0
+    monkeypatch.setenv("HOME", str(tmp_path))  # '~' expanded, as run_train expands its paths (it was a folder '~')
+    assert run_benchmark.main([*argv, "--results-file", "~/figures.csv"]) == 0
     with open(tmp_path / "figures.csv", newline="") as handle:
         lines = list(csv.DictReader(handle))
     assert [line["row"] for line in lines] == [TINY_ROW, TINY_ROW + "+proxy_norm=false"]
