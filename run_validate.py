@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import signal
 import sys
 import time
@@ -28,7 +29,7 @@ import parallel
 import run_train
 from datasets import DataError, SeededSampler, batch_bytes, check_shared_memory, eval_transform, make_loader
 from models.flops import count_macs
-from training.checkpoint import CheckpointError, WriteError, atomic_write, list_checkpoints, runs_inside
+from training.checkpoint import CheckpointError, WriteError, atomic_write, list_checkpoints, no_weights_in
 from training.config import (
     MIN_RESOLUTION,
     ConfigError,
@@ -100,8 +101,9 @@ def validate(argv: list[str] | None) -> int:
                                __doc__)
         resolutions = parse_resolutions(args)
         check_args(args)
-        args = dataclasses.replace(args, checkpoint=str(Path(args.checkpoint).expanduser()),  # '~/runs/x', as run_train
-                                   plot=args.plot and str(Path(args.plot).expanduser()))
+        # '~/runs/x', as run_train takes its paths (os.path's keeps a prefix's trailing '/', which names a folder)
+        args = dataclasses.replace(args, **{name: getattr(args, name) and os.path.expanduser(getattr(args, name))
+                                            for name in ("checkpoint", "plot", "output_prefix")})
         if args.retain_host_memory:
             retain_freed_memory()
         sources = check_sources(find_sources(Path(args.checkpoint)), args)
@@ -208,8 +210,7 @@ def find_sources(path: Path) -> list[Path]:
         if not found and (path / "model.safetensors").is_file():  # a folder holding only the exported weights
             return [path / "model.safetensors"]
         if not found:
-            raise CheckpointError(f"no checkpoints (checkpoint-*.pt) or model.safetensors in run folder {path}"
-                                  f"{runs_inside(path)}")
+            raise no_weights_in(path)
         return found
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -400,9 +401,9 @@ def format_table(rows: list[dict]) -> str:
 def output_prefix(given: str | None, source: Path) -> Path:
     """Where the CSV/JSON go: `given` + .csv/.json; a folder (existing, or written with a trailing
     '/') gets sweep-<time>.* inside it; None: the checkpoint's run folder."""
-    if given and not (given.endswith(("/", "\\")) or Path(given).expanduser().is_dir()):
-        return Path(given).expanduser()
-    folder = Path(given).expanduser() if given else (source if source.is_dir() else source.parent)
+    if given and not (given.endswith(("/", "\\")) or Path(given).is_dir()):
+        return Path(given)
+    folder = Path(given) if given else (source if source.is_dir() else source.parent)
     return folder / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

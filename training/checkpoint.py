@@ -147,6 +147,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [entry for *_, entry in sorted(found)]
 
 
+def no_weights_in(folder: Path, exported: bool = True) -> CheckpointError:
+    """The error for a run folder holding no checkpoint (nor, where `exported`, model.safetensors)."""
+    return CheckpointError(f"no checkpoints (checkpoint-*.pt){' or model.safetensors' if exported else ''} "
+                           f"in run folder {folder}{runs_inside(folder)}")
+
+
 def runs_inside(folder: Path) -> str:
     """For an error about a folder without checkpoints: where it holds run folders (it is the
     --output-dir, say), a hint naming them, else ""."""

@@ -19,7 +19,7 @@ import torch
 from datasets import eval_transform
 from models import EfficientNet, create_model
 
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, runs_inside
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, no_weights_in
 from .config import ConfigError, TrainConfig, from_dict, model_overrides, native_resolution
 
 # --weights choice → the checkpoint entry holding those weights
@@ -90,9 +90,7 @@ def run_weights_file(run_dir: Path, weights: str) -> Path:
         return exported
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
-        raise CheckpointError(f"no checkpoints (checkpoint-*.pt)"
-                              f"{' or model.safetensors' if weights == 'raw' else ''} in run folder {run_dir}"
-                              f"{runs_inside(run_dir)}")
+        raise no_weights_in(run_dir, exported=weights == "raw")
     return checkpoints[-1]
 
 
